@@ -1,0 +1,6 @@
+"""Pure torch math of the method: momentum rules, damping ratio and regimes. No Lightning import."""
+
+from lightning_beta.functional.damping import DampingRegime, classify_regime, damping_ratio
+from lightning_beta.functional.momentum import RULES, critical_momentum
+
+__all__ = ["RULES", "DampingRegime", "classify_regime", "critical_momentum", "damping_ratio"]
