@@ -16,7 +16,7 @@ def is_logging_step(trainer: pl.Trainer, every_n_steps: int | None = None) -> bo
     ``log_every_n_steps``), matching when ``self.log`` writes, and always on the first step so short runs show a
     point.
     """
-    every = trainer.log_every_n_steps if every_n_steps is None else every_n_steps
+    every = getattr(trainer, "log_every_n_steps", 50) if every_n_steps is None else every_n_steps
     step = trainer.global_step
     return step == 0 or (step + 1) % max(every, 1) == 0
 
@@ -35,3 +35,31 @@ def tensorboard_experiment(trainer: pl.Trainer) -> Any | None:
         if isinstance(logger, TensorBoardLogger):
             return logger.experiment
     return None
+
+
+# Each TensorBoard run holds one custom-scalars layout (the plugin reads the latest), so categories from several
+# callbacks are merged here, per log directory, and the whole layout is written again when one is added.
+_LAYOUTS: dict[str, dict[str, dict[str, list[Any]]]] = {}
+
+
+def add_layout_category(trainer: pl.Trainer, title: str, charts: Mapping[str, list[Any]]) -> bool:
+    """Add a custom-scalars category to the run's layout (rank zero, TensorBoard only).
+
+    Args:
+        trainer: the Trainer whose first ``TensorBoardLogger`` receives the layout.
+        title: category title, e.g. ``"Damping"``.
+        charts: chart title to ``["Multiline", [tag regexes]]`` or ``["Margin", [value, lower, upper]]``, the
+            format of ``SummaryWriter.add_custom_scalars``.
+
+    Returns:
+        ``False`` when the Trainer has no ``TensorBoardLogger`` (nothing written), else ``True``.
+    """
+    writer = tensorboard_experiment(trainer)
+    if writer is None:
+        return False
+    if not trainer.is_global_zero:
+        return True
+    layout = _LAYOUTS.setdefault(str(writer.get_logdir()), {})
+    layout[title] = {name: list(chart) for name, chart in charts.items()}
+    writer.add_custom_scalars(layout)
+    return True

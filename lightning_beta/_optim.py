@@ -74,7 +74,7 @@ def write_momentum(group: dict[str, Any], slot: MomentumSlot, value: float | Ten
     current = read_momentum(group, slot)
     if isinstance(current, Tensor):
         with torch.no_grad():
-            current.copy_(value)
+            current.copy_(torch.as_tensor(value))
         return
     number = value.item() if isinstance(value, Tensor) else float(value)
     if slot == "betas":

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Union
 
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-GroupBy = Union[str, int, Mapping[str, Sequence[str]]]
+GroupBy = str | int | Mapping[str, Sequence[str]]
 
 #: Name of the group that collects parameters no rule claimed.
 OTHER = "other"
@@ -115,7 +114,7 @@ def _regex_groups(model: nn.Module, group_by: Mapping[str, Sequence[str]]) -> di
 
 
 def group_parameters(model: nn.Module, group_by: GroupBy = "auto") -> dict[str, list[str]]:
-    """Split a model's parameters into named layer groups.
+    r"""Split a model's parameters into named layer groups.
 
     Every parameter (shared ones once, under their first name) lands in exactly one group. Parameters no rule
     claims go to a group ``"other"``, with one warning.
@@ -138,7 +137,7 @@ def group_parameters(model: nn.Module, group_by: GroupBy = "auto") -> dict[str, 
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
         >>> group_parameters(net)
         {'0': ['0.weight', '0.bias'], '2': ['2.weight', '2.bias']}
-        >>> group_parameters(net, {"body": [r"0\\."], "head": [r"2\\."]})["head"]
+        >>> group_parameters(net, {"body": [r"0\."], "head": [r"2\."]})["head"]
         ['2.weight', '2.bias']
     """
     check_group_by(group_by)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -88,6 +89,8 @@ class StepRecorder(pl.Callback):
         original = optimizer.step
         recorder = self
 
+        # functools.wraps keeps the lr scheduler's marker on the wrapper, so torch sees no overridden ``step``.
+        @functools.wraps(original)
         def step(closure: Callable[[], Any] | None = None) -> Any:
             def recorded_closure() -> Any:
                 result = closure() if closure is not None else None

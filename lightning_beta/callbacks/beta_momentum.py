@@ -6,9 +6,9 @@ import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import CyclicLR, OneCycleLR
 
@@ -132,6 +132,7 @@ class BetaMomentumCallback(pl.Callback):
 
     @property
     def state_key(self) -> str:
+        """Checkpoint key, unique per rule and curvature."""
         return self._generate_state_key(rule=self.rule, curvature=self.curvature)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -175,7 +176,7 @@ class BetaMomentumCallback(pl.Callback):
                     f"`switch_at={self.switch_at}` is a fraction of the run, but the run's length is unknown"
                     " (`trainer.estimated_stepping_batches` is infinite). Pass an int step or set `max_steps`."
                 )
-            self.switch_step = int(round(self.switch_at * total))
+            self.switch_step = round(self.switch_at * total)
         elif isinstance(self.switch_at, int) and not isinstance(self.switch_at, bool):
             self.switch_step = self.switch_at
 
@@ -253,6 +254,7 @@ class BetaMomentumCallback(pl.Callback):
             self._crossover_armed = True
 
     def state_dict(self) -> dict[str, Any]:
+        """What cannot be derived on resume: the switch step and the crossover and warning flags."""
         return {
             "version": _STATE_VERSION,
             "switch_step": self.switch_step,
@@ -261,6 +263,11 @@ class BetaMomentumCallback(pl.Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; refuse a state of another version.
+
+        Raises:
+            ValueError: if the state's ``version`` is not this release's.
+        """
         version = state_dict.get("version")
         if version != _STATE_VERSION:
             raise ValueError(

@@ -1,0 +1,27 @@
+"""Every example runs to completion, quickly, and prints what it promises."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(name: str, *args: str, cwd: Path | None = None) -> str:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_01_beta_momentum():
+    out = run_example("01_beta_momentum.py", "--epochs", "2")
+    assert "critical momentum at lr=0.1: 0.368" in out
+    for name in ("SGD, constant momentum 0.9", "SGD + BetaMomentumCallback", "AdamW + BetaMomentumCallback"):
+        assert name in out
+    # After a cosine decay to 0 the beta schedule sits at the upper clamp.
+    assert "SGD + BetaMomentumCallback" in out and "final momentum=0.990" in out
