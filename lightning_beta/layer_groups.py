@@ -73,10 +73,13 @@ def _auto_groups(model: nn.Module) -> dict[str, list[str]]:
             prefix = f"{prefix}{name}."
             continue
         break
+    # A parameter shared between two modules is named once by the root (its first name): keep only those names.
+    known = {name for name, _ in model.named_parameters()}
     groups: dict[str, list[str]] = {}
     for name, child in children:
-        groups[f"{prefix}{name}"] = [f"{prefix}{name}.{p}" for p, _ in child.named_parameters()]
-    return groups
+        names = [f"{prefix}{name}.{p}" for p, _ in child.named_parameters()]
+        groups[f"{prefix}{name}"] = [n for n in names if n in known]
+    return {group: names for group, names in groups.items() if names}
 
 
 def _depth_groups(model: nn.Module, depth: int) -> dict[str, list[str]]:
