@@ -84,6 +84,30 @@ def write_momentum(group: dict[str, Any], slot: MomentumSlot, value: float | Ten
         group["momentum"] = number
 
 
+def is_frozen_lr(lr: float | Tensor) -> bool:
+    """Whether a param group's lr is exactly 0 (a frozen group, left alone by every callback).
+
+    A CPU tensor lr is compared on the host; an lr tensor on an accelerator is never read (that would sync) and is
+    treated as not frozen.
+    """
+    if isinstance(lr, Tensor):
+        return lr.device.type == "cpu" and bool(lr == 0)
+    return lr == 0
+
+
+def as_float(value: float | Tensor) -> float:
+    """A Python float of an lr or momentum (a host copy for a Tensor: logging steps only)."""
+    return float(value.item()) if isinstance(value, Tensor) else float(value)
+
+
+def optimizer_index(optimizers: list[Any], inner: Any) -> tuple[int, int]:
+    """Index of ``inner`` among the Trainer's optimizers (compared unwrapped), and how many there are."""
+    for idx, optimizer in enumerate(optimizers):
+        if unwrap_optimizer(optimizer) is inner:
+            return idx, len(optimizers)
+    return 0, max(len(optimizers), 1)
+
+
 def group_key(prefix: str, opt_idx: int, n_optimizers: int, group_idx: int, groups: list[dict[str, Any]]) -> str:
     """The log key of one param group, shared by every callback of the package.
 

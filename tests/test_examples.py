@@ -25,3 +25,13 @@ def test_01_beta_momentum():
         assert name in out
     # After a cosine decay to 0 the beta schedule sits at the upper clamp.
     assert "SGD + BetaMomentumCallback" in out and "final momentum=0.990" in out
+
+
+@pytest.mark.slow
+def test_02_damping_monitor(tmp_path):
+    out = run_example("02_damping_monitor.py", "--epochs", "2", "--logdir", str(tmp_path / "logs"))
+    # Constant momentum 0.9 at lr ~0.1 is underdamped; the beta schedule sits at zeta = 1.
+    constant, beta = out.split("## beta_momentum")
+    assert "| 0 | pg0 |" in constant and "underdamped | 100%" in constant
+    assert "| 0 | pg0 | 1 | critical | 0% | 100% | 0% |" in beta
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "logs").rglob("*"))

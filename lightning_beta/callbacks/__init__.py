@@ -1,5 +1,6 @@
 """The package's Lightning callbacks, one per module."""
 
 from lightning_beta.callbacks.beta_momentum import BetaMomentumCallback
+from lightning_beta.callbacks.damping_regime_monitor import DampingRegimeMonitor, EpochDamping
 
-__all__ = ["BetaMomentumCallback"]
+__all__ = ["BetaMomentumCallback", "DampingRegimeMonitor", "EpochDamping"]

@@ -15,8 +15,11 @@ from torch.optim.lr_scheduler import CyclicLR, OneCycleLR
 from lightning_beta._loggers import is_logging_step, log_scalars
 from lightning_beta._optim import (
     MomentumSlot,
+    as_float,
     group_key,
+    is_frozen_lr,
     momentum_slot,
+    optimizer_index,
     read_momentum,
     unwrap_optimizer,
     write_momentum,
@@ -180,9 +183,7 @@ class BetaMomentumCallback(pl.Callback):
         elif isinstance(self.switch_at, int) and not isinstance(self.switch_at, bool):
             self.switch_step = self.switch_at
 
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
-    ) -> None:
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         """Write the momentum this optimizer step will use.
 
         Runs in ``on_before_optimizer_step`` so it fires once per optimizer step under gradient accumulation, after
@@ -202,10 +203,10 @@ class BetaMomentumCallback(pl.Callback):
         switched = self.switch_step is not None and step >= self.switch_step
         logging = self.log_momentum and is_logging_step(trainer)
         metrics: dict[str, float] = {}
-        opt_idx, n_opts = _optimizer_index(trainer, inner)
+        opt_idx, n_opts = optimizer_index(trainer.optimizers, inner)
         for group_idx, group in enumerate(groups):
             lr = group["lr"]
-            if _is_zero(lr):
+            if is_frozen_lr(lr):
                 continue
             value: float | Tensor
             if switched:
@@ -237,9 +238,9 @@ class BetaMomentumCallback(pl.Callback):
 
     def _update_crossover(self, groups: list[dict[str, Any]], step: int) -> None:
         values = [
-            unclamped_critical_momentum(_as_float(group["lr"]), self.curvature, self.rule)
+            unclamped_critical_momentum(as_float(group["lr"]), self.curvature, self.rule)
             for group in groups
-            if not _is_zero(group["lr"])
+            if not is_frozen_lr(group["lr"])
         ]
         if not values:
             return
@@ -298,25 +299,6 @@ def _check_switch_at(switch_at: Any) -> None:
     raise TypeError(
         f"`switch_at` must be None, an int step, a float in (0, 1) or 'crossover', got {type(switch_at).__name__}"
     )
-
-
-def _is_zero(lr: float | Tensor) -> bool:
-    # A CPU tensor lr is read on the host; a device tensor lr is never frozen at 0 in practice and is not read.
-    if isinstance(lr, Tensor):
-        return lr.device.type == "cpu" and bool(lr == 0)
-    return lr == 0
-
-
-def _as_float(lr: float | Tensor) -> float:
-    return lr.item() if isinstance(lr, Tensor) else float(lr)
-
-
-def _optimizer_index(trainer: pl.Trainer, inner: Any) -> tuple[int, int]:
-    optimizers = trainer.optimizers
-    for idx, optimizer in enumerate(optimizers):
-        if unwrap_optimizer(optimizer) is inner:
-            return idx, len(optimizers)
-    return 0, max(len(optimizers), 1)
 
 
 def _all_zero_momentum(groups: list[dict[str, Any]]) -> bool:

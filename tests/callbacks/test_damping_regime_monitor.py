@@ -1,0 +1,385 @@
+from __future__ import annotations
+
+import logging
+import math
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+
+from lightning_beta.callbacks.beta_momentum import BetaMomentumCallback
+from lightning_beta.callbacks.damping_regime_monitor import DampingRegimeMonitor, EpochDamping
+from lightning_beta.functional.damping import classify_regime
+from tests.helpers import StepRecorder, TinyModel, make_loader, read_scalars, trainer_kwargs
+
+TOL = 0.1
+
+
+def cosine(t_max: int = 8) -> Any:
+    return lambda opt: {"scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, t_max), "interval": "step"}
+
+
+def sgd(lr: float = 0.01, momentum: float = 0.9) -> Any:
+    return lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum)
+
+
+def fit(
+    tmp_path: Path,
+    callbacks: list[Any],
+    model: LightningModule | None = None,
+    logger: Any = True,
+    loader: Any = None,
+    **kwargs: Any,
+) -> Trainer:
+    if logger is True:
+        logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=callbacks, **kwargs))
+    trainer.fit(model or TinyModel(sgd(), cosine()), loader or make_loader())
+    return trainer
+
+
+def lr_by_step(recorder: StepRecorder, group: int = 0) -> dict[int, float]:
+    return {s["global_step"]: s["groups"][group]["lr"] for s in recorder.steps}
+
+
+def read_layout(log_dir: str) -> Any:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    acc = EventAccumulator(log_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    events = acc.Tensors("custom_scalars__config__")
+    return layout_pb2.Layout.FromString(events[-1].tensor_proto.string_val[0])
+
+
+def read_text(log_dir: str, tag: str) -> str:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(log_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    return acc.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
+
+
+# ------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"tolerance": 1.0}, ValueError, r"`tolerance` must be in \[0, 1\), got 1.0"),
+        ({"tolerance": "0.1"}, TypeError, "`tolerance` must be a float, got str"),
+        ({"rule": "exactly"}, ValueError, r"`rule` must be one of \('paper', 'exact'\), got 'exactly'"),
+        ({"curvature": "hessian"}, ValueError, "`curvature` must be a positive float or \"secant\", got 'hessian'"),
+        ({"curvature": -1.0}, ValueError, "`curvature` must be a finite number > 0, got -1.0"),
+        ({"curvature": True}, TypeError, "`curvature` must be a positive float, got bool"),
+        ({"logging_interval": "batch"}, ValueError, '`logging_interval` must be "step" or "epoch", got \'batch\''),
+        ({"layout": 1}, TypeError, "`layout` must be a bool, got int"),
+        ({"log": "yes"}, TypeError, "`log` must be a bool, got str"),
+        ({"group_by": 0}, ValueError, "`group_by` as a module depth must be >= 1, got 0"),
+        ({"curvature_decay": 1.5}, ValueError, r"`decay` must be in \[0, 1\), got 1.5"),
+    ],
+)
+def test_init_validation(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        DampingRegimeMonitor(**kwargs)
+
+
+def test_no_logger_raises_unless_history_only(tmp_path: Path) -> None:
+    with pytest.raises(MisconfigurationException, match="DampingRegimeMonitor has nowhere to log"):
+        fit(tmp_path, [DampingRegimeMonitor()], logger=False)
+    monitor = DampingRegimeMonitor(log=False)
+    fit(tmp_path, [monitor], logger=False)
+    assert [r.n_steps for r in monitor.history] == [4]
+
+
+# ------------------------------------------------------------------ constant momentum under cosine lr
+
+
+def test_constant_momentum_cosine(tmp_path: Path) -> None:
+    monitor, recorder = DampingRegimeMonitor(tolerance=TOL), StepRecorder()
+    # Cosine from 0.008 over 8 steps: zeta 0.56 (under) at first, 1.006 (critical) at step 5, 2.9 (over) at the end.
+    trainer = fit(tmp_path, [monitor, recorder], model=TinyModel(sgd(lr=0.008), cosine()), max_epochs=2)
+    log_dir = trainer.logger.log_dir  # type: ignore[union-attr]
+    scalars = read_scalars(log_dir)
+    lrs = lr_by_step(recorder)
+    assert sorted(lrs) == list(range(8))
+
+    zetas = dict(scalars["damping/zeta"])
+    assert sorted(zetas) == list(range(8))
+    for step, zeta in zetas.items():
+        assert zeta == pytest.approx((1 - 0.9) / (2 * math.sqrt(lrs[step])), rel=1e-5)
+        assert dict(scalars["damping/lr"])[step] == pytest.approx(lrs[step], rel=1e-5)
+        assert dict(scalars["damping/momentum"])[step] == pytest.approx(0.9)
+        assert dict(scalars["damping/regime"])[step] == classify_regime(zeta, TOL).code
+    codes = {v for _, v in scalars["damping/regime"]}
+    assert codes == {-1.0, 0.0, 1.0}, "the cosine run should visit all three regimes"
+    assert [v for _, v in scalars["damping/band_low"]] == pytest.approx([0.9] * 8)
+    assert [v for _, v in scalars["damping/band_high"]] == pytest.approx([1.1] * 8)
+
+    # The epoch summary, recomputed from the lr every step used.
+    assert [r.epoch for r in monitor.history] == [0, 1]
+    for record, steps in zip(monitor.history, (range(0, 4), range(4, 8))):
+        expected = [0.1 / (2 * math.sqrt(lrs[s])) for s in steps]
+        median = statistics.median(expected)
+        assert record.median_zeta == pytest.approx(median, rel=1e-9)
+        assert record.regime == classify_regime(median, TOL).value
+        assert record.n_steps == 4 and record.group == "pg0"
+        for name in ("underdamped", "critical", "overdamped"):
+            fraction = sum(classify_regime(z, TOL).value == name for z in expected) / 4
+            assert record.fractions[name] == pytest.approx(fraction)
+            assert dict(scalars[f"damping/epoch_fraction/{name}"])[steps[-1]] == pytest.approx(fraction)
+        assert dict(scalars["damping/epoch_regime"])[steps[-1]] == classify_regime(median, TOL).code
+        assert dict(scalars["damping/epoch_zeta"])[steps[-1]] == pytest.approx(median, rel=1e-5)
+
+    # Layout: present, and every chart names tags that exist.
+    layout = read_layout(log_dir)
+    (category,) = [c for c in layout.category if c.title == "Damping"]
+    titles = [chart.title for chart in category.chart]
+    assert "lr and momentum" in titles and "zeta pg0 in the critical band" in titles
+    tags = set(scalars)
+    for chart in category.chart:
+        if chart.HasField("margin"):
+            for series in chart.margin.series:
+                assert {series.value, series.lower, series.upper} <= tags
+        else:
+            for regex in chart.multiline.tag:
+                assert any(re.search(regex, tag) for tag in tags), regex
+
+    summary = read_text(log_dir, "damping/summary/text_summary")
+    assert "| 0 | pg0 |" in summary and "| 1 | pg0 |" in summary
+    assert summary == monitor.summary()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "momentum", "expected"),
+    [({"rule": "exact"}, 0.81, 1.0), ({"curvature": 4.0}, 0.9, 0.1 / (2 * math.sqrt(4.0 * 0.01)))],
+)
+def test_rule_and_fixed_curvature(tmp_path: Path, kwargs: dict[str, Any], momentum: float, expected: float) -> None:
+    monitor = DampingRegimeMonitor(log=False, **kwargs)
+    fit(tmp_path, [monitor], model=TinyModel(sgd(lr=0.01, momentum=momentum)), logger=False)
+    assert monitor.history[0].median_zeta == pytest.approx(expected, rel=1e-9)
+
+
+def test_logs_every_n_steps_but_summarises_all_steps(tmp_path: Path) -> None:
+    monitor = DampingRegimeMonitor()
+    trainer = fit(tmp_path, [monitor], limit_train_batches=8, log_every_n_steps=3)
+    scalars = read_scalars(trainer.logger.log_dir)  # type: ignore[union-attr]
+    assert [s for s, _ in scalars["damping/zeta"]] == [0, 2, 5]
+    assert monitor.history[0].n_steps == 8
+
+
+def test_logging_interval_epoch(tmp_path: Path) -> None:
+    monitor = DampingRegimeMonitor(logging_interval="epoch")
+    trainer = fit(tmp_path, [monitor])
+    scalars = read_scalars(trainer.logger.log_dir)  # type: ignore[union-attr]
+    assert "damping/zeta" not in scalars and "damping/lr" not in scalars
+    (record,) = monitor.history
+    assert scalars["damping/epoch_regime"] == [(3, classify_regime(record.median_zeta, TOL).code)]
+    assert scalars["damping/epoch_zeta"] == [(3, pytest.approx(record.median_zeta, rel=1e-5))]
+
+
+# ------------------------------------------------------------------ who sets momentum, and callback order
+
+
+@pytest.mark.parametrize("monitor_first", [True, False])
+def test_with_beta_callback_in_any_order(tmp_path: Path, monitor_first: bool) -> None:
+    monitor, recorder = DampingRegimeMonitor(), StepRecorder()
+    beta = BetaMomentumCallback()
+    callbacks = [monitor, beta, recorder] if monitor_first else [beta, monitor, recorder]
+    trainer = fit(tmp_path, callbacks, model=TinyModel(sgd(lr=0.05), cosine()))
+    scalars = read_scalars(trainer.logger.log_dir)  # type: ignore[union-attr]
+    used = {s["global_step"]: s["groups"][0]["momentum"] for s in recorder.steps}
+    for step, momentum in scalars["damping/momentum"]:
+        assert momentum == pytest.approx(used[step], rel=1e-5)
+        assert momentum != pytest.approx(0.9)
+    assert [z for _, z in scalars["damping/zeta"]] == pytest.approx([1.0] * 4, rel=1e-5)
+    assert monitor.history[0].regime == "critical" and monitor.history[0].fractions["critical"] == 1.0
+
+
+def test_tensor_lr_adam(tmp_path: Path) -> None:
+    def adam(m: LightningModule) -> torch.optim.Optimizer:
+        return torch.optim.Adam(m.parameters(), lr=torch.tensor(0.01), betas=(0.8, 0.999), foreach=False)
+
+    monitor = DampingRegimeMonitor()
+    trainer = fit(tmp_path, [monitor], model=TinyModel(adam))
+    scalars = read_scalars(trainer.logger.log_dir)  # type: ignore[union-attr]
+    assert [z for _, z in scalars["damping/zeta"]] == pytest.approx([1.0] * 4, rel=1e-5)
+    assert monitor.history[0].median_zeta == pytest.approx(1.0, rel=1e-5)
+
+
+def test_gradient_accumulation(tmp_path: Path) -> None:
+    monitor, recorder = DampingRegimeMonitor(), StepRecorder()
+    trainer = fit(tmp_path, [monitor, recorder], limit_train_batches=8, accumulate_grad_batches=2)
+    scalars = read_scalars(trainer.logger.log_dir)  # type: ignore[union-attr]
+    lrs = lr_by_step(recorder)
+    assert [s for s, _ in scalars["damping/zeta"]] == [0, 1, 2, 3]
+    for step, zeta in scalars["damping/zeta"]:
+        assert zeta == pytest.approx(0.05 / math.sqrt(lrs[step]), rel=1e-5)
+    assert monitor.history[0].n_steps == 4
+
+
+def test_two_groups_one_frozen(tmp_path: Path) -> None:
+    def groups(m: Any) -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            [
+                {"params": m.body.parameters(), "lr": 0.02, "name": "body"},
+                {"params": m.head.parameters(), "lr": 0.0, "name": "head"},
+            ],
+            momentum=0.9,
+        )
+
+    monitor, recorder = DampingRegimeMonitor(), StepRecorder()
+    trainer = fit(tmp_path, [monitor, recorder], model=TinyModel(groups))
+    log_dir = trainer.logger.log_dir  # type: ignore[union-attr]
+    scalars = read_scalars(log_dir)
+    assert not [tag for tag in scalars if tag.endswith("/head")]
+    for _, zeta in scalars["damping/zeta/body"]:
+        assert zeta == pytest.approx(0.05 / math.sqrt(0.02), rel=1e-5)
+    assert [r.group for r in monitor.history] == ["body"]
+    margins = [c.margin.series[0].value for c in read_layout(log_dir).category[0].chart if c.HasField("margin")]
+    assert margins == ["damping/zeta/body"]
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda m: torch.optim.Adagrad(m.parameters(), lr=0.01),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.01),
+    ],
+    ids=["adagrad", "sgd-no-momentum"],
+)
+def test_groups_without_momentum_reported_once(tmp_path: Path, make_opt: Any) -> None:
+    monitor = DampingRegimeMonitor()
+    with pytest.warns(UserWarning, match="has no momentum, so its damping ratio is undefined") as record:
+        trainer = fit(tmp_path, [monitor], model=TinyModel(make_opt))
+    assert sum("has no momentum" in str(w.message) for w in record) == 1
+    scalars = read_scalars(trainer.logger.log_dir)  # type: ignore[union-attr]
+    assert not [tag for tag in scalars if tag.startswith("damping/")]
+    assert monitor.history == []
+
+
+def test_other_logger_skips_layout(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO):
+        trainer = fit(tmp_path, [DampingRegimeMonitor()], logger=CSVLogger(tmp_path))
+    assert sum("custom-scalars layout is TensorBoard-only" in r.getMessage() for r in caplog.records) == 1
+    header = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()[0]  # type: ignore[union-attr]
+    assert "damping/zeta" in header and "damping/epoch_regime" in header
+
+
+# ------------------------------------------------------------------ state
+
+
+def test_state_dict_round_trip_and_version() -> None:
+    monitor = DampingRegimeMonitor()
+    monitor.history = [EpochDamping(0, "pg0", 0.5, "underdamped", {"underdamped": 1.0}, 3)]
+    monitor._epoch, monitor._zetas, monitor._last_step = 1, {"": [0.5, torch.tensor(0.7)]}, 5
+    state = monitor.state_dict()
+    assert state["zetas"] == {"": [0.5, pytest.approx(0.7)]}
+    other = DampingRegimeMonitor()
+    other.load_state_dict(state)
+    assert other.history == monitor.history and other._epoch == 1 and other._last_step == 5
+    with pytest.raises(ValueError, match="DampingRegimeMonitor state has version 0; this release reads version 1"):
+        other.load_state_dict({**state, "version": 0})
+
+
+def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path: Path) -> None:
+    full = DampingRegimeMonitor()
+    fit(tmp_path / "full", [full], max_epochs=2)
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
+    first = DampingRegimeMonitor()
+    fit(tmp_path / "a", [first, checkpoint], max_epochs=2, max_steps=6, enable_checkpointing=True)
+    (ckpt,) = (tmp_path / "ckpt").glob("*.ckpt")
+
+    resumed = DampingRegimeMonitor()
+    trainer = Trainer(
+        **trainer_kwargs(tmp_path / "b", logger=TensorBoardLogger(tmp_path / "b"), callbacks=[resumed], max_epochs=2)
+    )
+    trainer.fit(TinyModel(sgd(), cosine()), make_loader(), ckpt_path=str(ckpt))
+    assert [(r.epoch, r.n_steps) for r in resumed.history] == [(0, 4), (1, 4)]
+    for got, want in zip(resumed.history, full.history):
+        assert got.median_zeta == pytest.approx(want.median_zeta, rel=1e-9)
+        assert got.fractions == want.fractions and got.regime == want.regime
+
+
+# ------------------------------------------------------------------ secant curvature
+
+
+class Scaled(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim))
+
+
+class Quadratic(LightningModule):
+    """Loss 0.5*lam_a*||a||^2 + 0.5*lam_b*||b||^2 plus a small batch-dependent linear term."""
+
+    curvatures = {"a": 2.0, "b": 6.0}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = Scaled(8), Scaled(8)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, _ = batch
+        noise = 1e-3 * x.mean(0)
+        loss = 0.0
+        for name, lam in self.curvatures.items():
+            w = getattr(self, name).weight
+            loss = loss + 0.5 * lam * w.square().sum() + (noise * w).sum()
+        return loss  # type: ignore[return-value]
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.02, momentum=0.9)
+
+
+def test_secant_curvature_on_quadratic(tmp_path: Path) -> None:
+    monitor = DampingRegimeMonitor(curvature="secant", curvature_decay=0.5)
+    trainer = fit(tmp_path, [monitor], model=Quadratic(), limit_train_batches=8)
+    log_dir = trainer.logger.log_dir  # type: ignore[union-attr]
+    scalars = read_scalars(log_dir)
+    for name, lam in Quadratic.curvatures.items():
+        curve = scalars[f"damping/curvature/{name}"]
+        assert [s for s, _ in curve] == list(range(1, 8)), "measured from the second step on"
+        assert curve[-1][1] == pytest.approx(lam, rel=0.1)
+        zeta = scalars[f"damping/layer_zeta/{name}"][-1][1]
+        assert zeta == pytest.approx(0.1 / (2 * math.sqrt(0.02 * curve[-1][1])), rel=1e-5)
+    assert monitor.layer_curvature() == pytest.approx({"a": 2.0, "b": 6.0}, rel=0.1)
+    # The per-group zeta keeps the paper's curvature 1.
+    assert scalars["damping/zeta"][0][1] == pytest.approx(0.05 / math.sqrt(0.02), rel=1e-5)
+    charts = {c.title: c for c in read_layout(log_dir).category[0].chart}
+    assert "^damping/layer_zeta/" in charts["measured zeta per layer, with the band"].multiline.tag
+
+
+def test_secant_resume_keeps_estimate(tmp_path: Path) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(
+        tmp_path / "a",
+        [DampingRegimeMonitor(curvature="secant"), checkpoint],
+        model=Quadratic(),
+        enable_checkpointing=True,
+    )
+    last = tmp_path / "ckpt" / "last.ckpt"
+    state = torch.load(last, weights_only=False)["callbacks"]
+    (saved,) = [v for k, v in state.items() if k.startswith("DampingRegimeMonitor")]
+    assert saved["secant"]["names"] == ["a", "b"]
+    assert saved["secant"]["curvature"].tolist() == pytest.approx([2.0, 6.0], rel=0.1)
+
+    resumed = DampingRegimeMonitor(curvature="secant")
+    trainer = Trainer(
+        **trainer_kwargs(tmp_path / "b", logger=TensorBoardLogger(tmp_path / "b"), callbacks=[resumed], max_epochs=2)
+    )
+    trainer.fit(Quadratic(), make_loader(), ckpt_path=str(last))
+    scalars = read_scalars(trainer.logger.log_dir)  # type: ignore[union-attr]
+    # The first step after the resume has no gradient pair yet: it logs the restored estimate.
+    assert dict(scalars["damping/curvature/a"])[4] == pytest.approx(saved["secant"]["curvature"][0].item())
+    assert scalars["damping/curvature/b"][-1][1] == pytest.approx(6.0, rel=0.1)
+    assert [r.epoch for r in resumed.history] == [0, 1]

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_beta.functional.curvature import (
+    SecantCurvature,
+    check_decay,
+    ema_update_,
+    group_norms,
+    secant_curvature,
+)
+
+
+def test_group_norms_by_hand() -> None:
+    tensors = [torch.tensor([3.0, 4.0]), torch.tensor([[1.0, 2.0], [2.0, 4.0]]), torch.tensor([12.0])]
+    out = group_norms(tensors, torch.tensor([0, 1, 0]), 3)
+    assert out.tolist() == pytest.approx([13.0, 5.0, 0.0])
+    assert out.dtype == torch.float32
+
+
+def test_group_norms_empty_and_half() -> None:
+    assert group_norms([], torch.zeros(0, dtype=torch.long), 2).tolist() == [0.0, 0.0]
+    out = group_norms([torch.tensor([3.0, 4.0], dtype=torch.float16)], torch.tensor([0]), 1)
+    assert out.dtype == torch.float32 and out.item() == pytest.approx(5.0)
+
+
+def test_secant_curvature_guards() -> None:
+    change = torch.tensor([2.0, 1.0, float("nan"), 1.0])
+    step = torch.tensor([0.5, 0.0, 1.0, float("inf")])
+    out = secant_curvature(change, step, fallback=torch.full((4,), 7.0))
+    assert out.tolist() == [4.0, 7.0, 7.0, 0.0]
+    assert torch.isnan(secant_curvature(torch.tensor([1.0]), torch.tensor([0.0]))).all()
+
+
+def test_ema_update_starts_at_first_finite_value() -> None:
+    avg, count = torch.zeros(3), torch.zeros(3)
+    ema_update_(avg, torch.tensor([4.0, float("nan"), float("inf")]), 0.75, count)
+    assert avg.tolist() == [4.0, 0.0, 0.0] and count.tolist() == [1.0, 0.0, 0.0]
+    ema_update_(avg, torch.tensor([8.0, 2.0, 1.0]), 0.75, count)
+    assert avg.tolist() == [5.0, 2.0, 1.0] and count.tolist() == [2.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("decay", "error", "match"),
+    [
+        (1.0, ValueError, r"`decay` must be in \[0, 1\), got 1.0"),
+        ("0.5", TypeError, "`decay` must be a float, got str"),
+    ],
+)
+def test_check_decay(decay: object, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        check_decay(decay)  # type: ignore[arg-type]
+
+
+def test_estimator_rejects_empty_groups() -> None:
+    with pytest.raises(ValueError, match="`groups` must name at least one parameter group"):
+        SecantCurvature({})
+    with pytest.raises(ValueError, match="group 'a' has no parameter"):
+        SecantCurvature({"a": []})
+
+
+def _heavy_ball(est: SecantCurvature, params: list[torch.nn.Parameter], grad_fn, steps: int, lr: float) -> None:
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    for _ in range(steps):
+        opt.zero_grad()
+        for p, g in zip(params, grad_fn()):
+            p.grad = g
+        est.before_step()
+        opt.step()
+        est.after_step()
+
+
+def test_estimator_exact_on_quadratic_per_group() -> None:
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(2, 3))
+    lam = {"a": 2.0, "b": 9.0}
+    est = SecantCurvature({"a": [a], "b": [b]}, decay=0.5)
+    assert est.memory_bytes == (5 + 6) * 4
+    _heavy_ball(est, [a, b], lambda: [lam["a"] * a.detach(), lam["b"] * b.detach()], steps=6, lr=0.02)
+    assert est.curvature.tolist() == pytest.approx([2.0, 9.0], rel=1e-4)
+    assert est.count.tolist() == [5.0, 5.0]
+
+
+def test_estimator_within_ten_percent_with_noise() -> None:
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(50) * 3)
+    est = SecantCurvature({"w": [w]}, decay=0.9)
+    _heavy_ball(est, [w], lambda: [4.0 * w.detach() + 0.01 * torch.randn(50)], steps=20, lr=0.01)
+    assert math.isclose(est.curvature.item(), 4.0, rel_tol=0.1)
+
+
+def test_estimator_restarts_pairing_when_a_grad_is_missing() -> None:
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    est = SecantCurvature({"a": [a], "b": [b]}, decay=0.0)
+    for step in range(4):
+        a.grad = 3.0 * a.detach()
+        b.grad = None if step == 2 else 5.0 * b.detach()
+        est.before_step()
+        with torch.no_grad():
+            a -= 0.1 * a.grad
+            if b.grad is not None:
+                b -= 0.1 * b.grad
+        est.after_step()
+    # a: estimates at steps 1, 2, 3; b: step 1 only (step 2 had no gradient, step 3 has no previous pair).
+    assert est.count.tolist() == [3.0, 1.0]
+    assert est.curvature.tolist() == pytest.approx([3.0, 5.0])
+
+
+def test_estimator_skipped_update_keeps_estimate() -> None:
+    w = torch.nn.Parameter(torch.ones(3))
+    est = SecantCurvature({"w": [w]}, decay=0.0)
+    for step in range(5):
+        w.grad = 2.0 * w.detach()
+        est.before_step()
+        if step != 2:  # an update skipped between the two calls (e.g. by a GradScaler)
+            with torch.no_grad():
+                w -= 0.1 * w.grad
+        est.after_step()
+    assert est.curvature.item() == pytest.approx(2.0)
+    assert torch.isfinite(est.curvature).all()
+
+
+def test_estimator_state_round_trip() -> None:
+    w = torch.nn.Parameter(torch.ones(3))
+    est = SecantCurvature({"w": [w]}, decay=0.0)
+    _heavy_ball(est, [w], lambda: [6.0 * w.detach()], steps=3, lr=0.01)
+    other = SecantCurvature({"w": [torch.nn.Parameter(torch.ones(3))], "x": [torch.nn.Parameter(torch.ones(1))]})
+    other.load_state_dict(est.state_dict())
+    assert other.curvature[0].item() == pytest.approx(6.0)
+    assert torch.isnan(other.curvature[1])
+    assert other.count.tolist() == [2.0, 0.0]
