@@ -164,7 +164,7 @@ class DigitsClassifier(pl.LightningModule):
         self.log("val_acc", (logits.argmax(1) == y).float().mean())
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
+        hp: Any = self.hparams
         optimizer: torch.optim.Optimizer
         if hp.optimizer == "adam":
             optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, betas=(hp.momentum, 0.999))

@@ -35,3 +35,16 @@ def test_02_damping_monitor(tmp_path):
     assert "| 0 | pg0 |" in constant and "underdamped | 100%" in constant
     assert "| 0 | pg0 | 1 | critical | 0% | 100% | 0% |" in beta
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "logs").rglob("*"))
+
+
+@pytest.mark.slow
+def test_03_layer_attribution(tmp_path):
+    out = run_example("03_layer_attribution.py", "--epochs", "2", cwd=tmp_path)
+    assert "ranking by size-normalised norm:" in out
+    artifacts = list(tmp_path.rglob("attribution.json"))
+    assert len(artifacts) == 1
+    from lightning_beta.diagnosis import load_attribution
+
+    artifact = load_attribution(artifacts[0])
+    assert artifact.complete and len(artifact.history) == 2
+    assert f"({artifact.total.count} optimizer steps)" in out

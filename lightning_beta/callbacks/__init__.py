@@ -2,5 +2,6 @@
 
 from lightning_beta.callbacks.beta_momentum import BetaMomentumCallback
 from lightning_beta.callbacks.damping_regime_monitor import DampingRegimeMonitor, EpochDamping
+from lightning_beta.callbacks.layer_attribution import LayerAttributionCallback
 
-__all__ = ["BetaMomentumCallback", "DampingRegimeMonitor", "EpochDamping"]
+__all__ = ["BetaMomentumCallback", "DampingRegimeMonitor", "EpochDamping", "LayerAttributionCallback"]

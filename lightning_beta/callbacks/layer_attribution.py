@@ -1,0 +1,482 @@
+"""LayerAttributionCallback: per-layer gradient norms accumulated on the device, for diagnosis (PAPER.md section 3)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.combined_loader import CombinedLoader
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+
+from lightning_beta._loggers import add_layout_category, is_logging_step, log_scalars, tensorboard_experiment
+from lightning_beta._optim import unwrap_optimizer
+from lightning_beta.diagnosis.artifact import (
+    AttributionArtifact,
+    GroupTotals,
+    ReferenceStats,
+    save_attribution,
+)
+from lightning_beta.functional.grad_norms import check_norm_type, combine_norms, grouped_norms
+from lightning_beta.layer_groups import GroupBy, check_group_by, group_parameters, group_sizes
+
+_STATE_VERSION = 1
+#: Rows of the accumulator matrix ``(len(_ROWS), n_groups + 1)``; the last column is the whole model.
+_ROWS = ("sum", "sumsq", "count", "nonfinite", "interval_sum", "interval_count", "epoch_sum", "epoch_count", "max")
+_SUM, _SUMSQ, _COUNT, _NONFINITE, _ISUM, _ICOUNT, _ESUM, _ECOUNT, _MAX = range(len(_ROWS))
+#: Strategies that shard parameters: the local gradient is a shard, so its norm is not the layer's norm.
+_SHARDED: tuple[type[Strategy], ...] = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+
+
+@dataclass
+class _Plan:
+    """For one optimizer: its parameters that belong to a group, their group index, and the index tensors."""
+
+    params: list[nn.Parameter]
+    group_of: list[int]
+    amp_scaled: bool
+    index_cache: dict[tuple[int, ...], Tensor] = field(default_factory=dict)
+
+
+class LayerAttributionCallback(pl.Callback):
+    r"""Accumulate the gradient norm of each layer group on the device, log it, and save an attribution artifact.
+
+    At fit start the LightningModule's parameters are split into layer groups with
+    :func:`~lightning_beta.layer_groups.group_parameters` and their sizes recorded. Once per optimizer step (in
+    ``on_before_optimizer_step``, so gradient accumulation counts once) the norm of each group's gradients is
+    computed with one ``torch._foreach_norm`` call over all gradients present and a segment sum into groups, and
+    added to preallocated device buffers (sum, sum of squares, max, count, non-finite count). Nothing is copied to
+    the host except on logging steps and at epoch end. Parameters whose ``grad`` is ``None`` (frozen) contribute
+    nothing; a group none of whose parameters has a gradient is not counted for that step. A non-finite group norm is
+    counted apart and never enters the sums.
+
+    Behaviour worth knowing:
+
+    - Gradients are read **before clipping** (Lightning clips after this hook), so the norms are those of the raw
+      gradients, also with ``gradient_clip_val``.
+    - Under 16-bit AMP the gradients are unscaled before this hook, except for optimizers that unscale inside
+      ``step()`` (``fused=True`` Adam/AdamW/SGD): their group norms are divided by the scaler's scale on the device.
+      Steps the scaler skips for overflow show up as non-finite counts.
+    - DDP: the gradients seen here are already averaged across ranks, so the norms need no collective; every rank
+      accumulates the same values and rank zero logs and writes. Sharded strategies (FSDP, DeepSpeed,
+      ModelParallel) raise ``MisconfigurationException`` at fit start rather than report shard norms.
+    - At the end of training (``on_train_end``), rank zero writes ``attribution.json`` atomically (see
+      :mod:`lightning_beta.diagnosis.artifact` for the schema); after an exception it writes what exists, marked
+      ``complete=false``. Reference statistics: with the final weights, ``training_step`` is run under
+      ``torch.no_grad()`` in eval mode (``self.log`` silenced) on the first ``reference_batches`` training batches,
+      and a forward hook on each group's module records the per-channel mean and variance of its output (channel =
+      dim 1, as BatchNorm; a 1-D output is one channel). Only groups whose parameters are exactly those of a
+      submodule of the same name have a module (all ``"auto"`` and depth groups do; regex groups only when named
+      after such a module); the others, and all groups under manual optimization, are listed as skipped.
+    - With a ``TensorBoardLogger``: a custom-scalars category "Layer attribution" charting ``grad_norm/.*``, and at
+      the end an image ``attribution/heatmap`` (log10 of the per-epoch mean norm, epochs down, groups across) and a
+      text ``attribution/ranking`` table of groups by size-normalised norm (mean norm / sqrt(n_params)).
+
+    Logged metrics:
+        - ``grad_norm/<group>``: the mean of the group's gradient norm over the optimizer steps since the last log,
+          every ``log_every_n_steps``.
+        - ``grad_norm/total``: the same for the norm of all gradients together.
+
+    Args:
+        group_by: how to group parameters: ``"auto"`` (top-level children), an int module depth, or a dict
+            ``{group: [regex, ...]}`` over parameter names. Defaults to ``"auto"``.
+        norm_type: the norm order, ``> 0`` or ``inf``. Defaults to ``2.0``.
+        log_every_n_steps: optimizer steps between logs; ``None`` uses the Trainer's ``log_every_n_steps``.
+            Defaults to ``None``.
+        reference_batches: training batches for the reference statistics; 0 skips them. Defaults to ``4``.
+        dirpath: directory of the artifact; ``None`` uses ``trainer.log_dir`` (the logger's log dir, else
+            ``default_root_dir``). Defaults to ``None``.
+        filename: file name of the artifact. Defaults to ``"attribution.json"``.
+
+    Raises:
+        ValueError: for a bad ``group_by`` (see :func:`~lightning_beta.layer_groups.check_group_by`), a
+            ``norm_type`` that is not positive, ``log_every_n_steps < 1``, ``reference_batches < 0``, or an empty
+            ``filename`` or one with a directory part.
+        TypeError: for arguments of the wrong type.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[LayerAttributionCallback(group_by=2, reference_batches=0)], logger=False)
+    """
+
+    def __init__(
+        self,
+        group_by: GroupBy = "auto",
+        norm_type: float = 2.0,
+        log_every_n_steps: int | None = None,
+        reference_batches: int = 4,
+        dirpath: str | os.PathLike | None = None,
+        filename: str = "attribution.json",
+    ) -> None:
+        check_group_by(group_by)
+        check_norm_type(norm_type)
+        _check_int("log_every_n_steps", log_every_n_steps, minimum=1, optional=True)
+        _check_int("reference_batches", reference_batches, minimum=0)
+        if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
+            raise TypeError(f"`dirpath` must be None, a str or os.PathLike, got {type(dirpath).__name__}")
+        if not isinstance(filename, str):
+            raise TypeError(f"`filename` must be a str, got {type(filename).__name__}")
+        if not filename or os.path.basename(filename) != filename:
+            raise ValueError(f"`filename` must be a non-empty file name without a directory, got {filename!r}")
+        self.group_by = group_by
+        self.norm_type = float(norm_type)
+        self.log_every_n_steps = log_every_n_steps
+        self.reference_batches = reference_batches
+        self.dirpath = dirpath
+        self.filename = filename
+        self._reset()
+
+    def _reset(self) -> None:
+        self.groups: dict[str, list[str]] = {}
+        self.sizes: dict[str, int] = {}
+        self.history_epochs: list[int] = []
+        self.history: list[list[float | None]] = []
+        self.history_total: list[float | None] = []
+        self.artifact: AttributionArtifact | None = None
+        self._acc: Tensor | None = None
+        self._plans: dict[int, _Plan] = {}
+        self._param_group: dict[int, int] = {}
+        self._scaler: Any = None
+        self._pending: dict[str, Any] | None = None
+        self._finished = False
+        self._directory = Path(".")
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(group_by=repr(self.group_by), norm_type=self.norm_type, filename=self.filename)
+
+    @property
+    def artifact_path(self) -> Path | None:
+        """Where the artifact was written, once it was."""
+        return getattr(self, "_artifact_path", None)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Forget a previous fit; a checkpoint restored after this hook brings its state back."""
+        if stage == "fit":
+            self._reset()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check the strategy, resolve the groups and allocate the device buffers."""
+        check_strategy(trainer.strategy)
+        self.groups = group_parameters(pl_module, self.group_by)
+        if "total" in self.groups:
+            raise MisconfigurationException(
+                "LayerAttributionCallback: a layer group is named 'total', which clashes with the `grad_norm/total`"
+                " key. Pass `group_by` as a dict to name the groups."
+            )
+        self.sizes = group_sizes(pl_module, self.groups)
+        named = dict(pl_module.named_parameters())
+        self._param_group = {id(named[n]): g for g, names in enumerate(self.groups.values()) for n in names}
+        device = pl_module.device
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        self._acc = torch.zeros(len(_ROWS), len(self.groups) + 1, device=device, dtype=dtype)
+        self._scaler = getattr(trainer.precision_plugin, "scaler", None)
+        # Resolved here, on every rank: ``trainer.log_dir`` broadcasts, so rank zero alone must not call it later.
+        self._directory = Path(
+            self.dirpath if self.dirpath is not None else trainer.log_dir or trainer.default_root_dir
+        )
+        # Plans and the index of the all-gradients case are built here, so the per-step hook copies nothing.
+        for optimizer in trainer.optimizers:
+            plan = self._plan(optimizer)
+            self._index(plan, tuple(range(len(plan.params))))
+        if self._pending is not None:
+            self._apply_state(self._pending)
+        add_layout_category(trainer, "Layer attribution", {"Gradient norm per group": ["Multiline", [r"grad_norm/.*"]]})
+
+    @torch.no_grad()
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        """Add this step's group norms to the device buffers; copy to the host only on a logging step.
+
+        Runs in ``on_before_optimizer_step`` so it fires once per optimizer step under gradient accumulation, after
+        the AMP unscale and before gradient clipping.
+        """
+        acc = self._acc
+        if acc is None:
+            return
+        plan = self._plan(optimizer)
+        grads: list[Tensor] = []
+        present: list[int] = []
+        for i, param in enumerate(plan.params):
+            grad = param.grad
+            if grad is not None:
+                grads.append(grad.coalesce().values() if grad.is_sparse else grad)
+                present.append(i)
+        if grads:
+            n_groups = acc.shape[1] - 1
+            norms, has_grad, bad = grouped_norms(grads, self._index(plan, tuple(present)), n_groups, self.norm_type)
+            scale = getattr(self._scaler, "_scale", None) if plan.amp_scaled else None
+            if scale is not None:
+                # A fused optimizer unscales inside step(): the gradients are still multiplied by the scale here.
+                # ``_scale`` is the scaler's device tensor; ``get_scale()`` would copy it to the host.
+                norms = norms / scale.to(norms.dtype)
+            total = combine_norms(norms, self.norm_type).reshape(1)
+            total_bad = bad.any().reshape(1)
+            valid = torch.cat([has_grad & ~bad, has_grad.any().reshape(1) & ~total_bad]).to(acc.dtype)
+            values = torch.cat([norms, total]).to(acc.dtype) * valid
+            nonfinite = torch.cat([bad, total_bad]).to(acc.dtype)
+            acc[:_MAX].add_(torch.stack([values, values * values, valid, nonfinite, values, valid, values, valid]))
+            torch.maximum(acc[_MAX], values, out=acc[_MAX])
+        if trainer.loggers and is_logging_step(trainer, self.log_every_n_steps):
+            self._log_interval(trainer)
+
+    def _log_interval(self, trainer: pl.Trainer) -> None:
+        assert self._acc is not None
+        host = self._acc[_ISUM : _ICOUNT + 1].to("cpu", copy=True)  # the one host copy; copy=True: on CPU it is a view
+        self._acc[_ISUM : _ICOUNT + 1].zero_()
+        metrics: dict[str, float] = {}
+        for col, name in enumerate([*self.groups, "total"]):
+            count = host[1, col].item()
+            if count > 0:
+                metrics[f"grad_norm/{name}"] = host[0, col].item() / count
+        log_scalars(trainer, metrics, step=trainer.global_step)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Append the epoch's mean norms to the history (one host copy)."""
+        if self._acc is None:
+            return
+        host = self._acc[_ESUM : _ECOUNT + 1].to("cpu", copy=True)
+        self._acc[_ESUM : _ECOUNT + 1].zero_()
+        if not (host[1] > 0).any():
+            return
+        means = [_mean(host[0, c].item(), host[1, c].item()) for c in range(host.shape[1])]
+        self.history_epochs.append(trainer.current_epoch)
+        self.history.append(means[:-1])
+        self.history_total.append(means[-1])
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Compute the reference statistics and write the artifact and TensorBoard panels (rank zero)."""
+        self._finished = True
+        if not trainer.is_global_zero or self._acc is None:
+            return
+        reference, skipped = self._reference_stats(trainer, pl_module)
+        self.artifact = self._build_artifact(trainer, complete=True, reference=reference, skipped=skipped)
+        self._write(trainer, self.artifact)
+        writer = tensorboard_experiment(trainer)
+        if writer is not None:
+            if self.artifact.history:
+                writer.add_image("attribution/heatmap", self.artifact.heatmap(), trainer.global_step, dataformats="HWC")
+            writer.add_text("attribution/ranking", self.artifact.ranking_markdown(), trainer.global_step)
+            writer.flush()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Write what exists, marked ``complete=false``, unless the complete artifact was already written."""
+        if self._finished or not trainer.is_global_zero or self._acc is None:
+            return
+        self.artifact = self._build_artifact(trainer, complete=False, reference={}, skipped=list(self.groups))
+        self._write(trainer, self.artifact)
+
+    def _write(self, trainer: pl.Trainer, artifact: AttributionArtifact) -> None:
+        self._artifact_path = save_attribution(artifact, self._directory / self.filename)
+
+    def _build_artifact(
+        self, trainer: pl.Trainer, complete: bool, reference: dict[str, ReferenceStats], skipped: list[str]
+    ) -> AttributionArtifact:
+        assert self._acc is not None
+        host = self._acc.cpu().tolist()
+        stats = []
+        for col in range(len(self.groups) + 1):
+            count = host[_COUNT][col]
+            stats.append(
+                GroupTotals(
+                    mean=_mean(host[_SUM][col], count),
+                    rms=None if count == 0 else math.sqrt(host[_SUMSQ][col] / count),
+                    max=None if count == 0 else host[_MAX][col],
+                    count=int(count),
+                    nonfinite=int(host[_NONFINITE][col]),
+                )
+            )
+        return AttributionArtifact(
+            groups=dict(self.sizes),
+            parameters={name: list(names) for name, names in self.groups.items()},
+            history_epochs=list(self.history_epochs),
+            history=[list(row) for row in self.history],
+            history_total=list(self.history_total),
+            totals=dict(zip(self.groups, stats[:-1])),
+            total=stats[-1],
+            complete=complete,
+            norm_type=self.norm_type,
+            group_by=self.group_by
+            if not isinstance(self.group_by, dict)
+            else {k: list(v) for k, v in self.group_by.items()},
+            global_step=trainer.global_step,
+            reference_batches=self.reference_batches,
+            reference=reference,
+            reference_skipped=skipped,
+        )
+
+    def _reference_stats(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> tuple[dict[str, ReferenceStats], list[str]]:
+        if self.reference_batches == 0:
+            return {}, list(self.groups)
+        if not pl_module.automatic_optimization:
+            rank_zero_warn("LayerAttributionCallback: no reference statistics under manual optimization.")
+            return {}, list(self.groups)
+        loaders = trainer.train_dataloader
+        if loaders is None:
+            rank_zero_warn("LayerAttributionCallback: no training dataloader left for the reference statistics.")
+            return {}, list(self.groups)
+        modules = group_modules(pl_module, self.groups)
+        sums: dict[str, list[Any]] = {}
+
+        def make_hook(name: str) -> Any:
+            def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+                out = output[0] if isinstance(output, (tuple, list)) and output else output
+                if isinstance(out, Tensor) and out.is_floating_point():
+                    x = out.detach().double()
+                    x = x.reshape(-1, 1) if x.dim() <= 1 else x.movedim(1, 0).reshape(x.shape[1], -1).T
+                    prev = sums.setdefault(name, [0.0, 0.0, 0])
+                    if isinstance(prev[0], Tensor) and prev[0].shape[0] != x.shape[1]:
+                        return
+                    prev[0] = prev[0] + x.sum(0)
+                    prev[1] = prev[1] + (x * x).sum(0)
+                    prev[2] += x.shape[0]
+
+            return hook
+
+        handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
+        was_training = pl_module.training
+        pl_module.eval()
+        # ``self.log`` outside the loop would raise or pollute the results: silenced for the reference pass.
+        pl_module.log = pl_module.log_dict = _noop  # type: ignore[method-assign]
+        try:
+            combined = CombinedLoader(loaders, mode="max_size_cycle")
+            with torch.no_grad(), trainer.precision_plugin.train_step_context():
+                for batch, batch_idx, _ in itertools.islice(iter(combined), self.reference_batches):
+                    pl_module.training_step(trainer.strategy.batch_to_device(batch), batch_idx)
+        finally:
+            del pl_module.log, pl_module.log_dict
+            for handle in handles:
+                handle.remove()
+            pl_module.train(was_training)
+        reference = {}
+        for name in self.groups:
+            if name in sums and isinstance(sums[name][0], Tensor):
+                total, total_sq, count = sums[name]
+                mean = total / count
+                var = (total_sq / count - mean * mean).clamp_min(0)
+                reference[name] = ReferenceStats(mean.cpu().tolist(), var.cpu().tolist(), int(count))
+        return reference, [name for name in self.groups if name not in reference]
+
+    def _plan(self, optimizer: Any) -> _Plan:
+        inner = unwrap_optimizer(optimizer)
+        plan = self._plans.get(id(inner))
+        if plan is None:
+            pairs = [
+                (p, self._param_group[id(p)])
+                for group in inner.param_groups
+                for p in group["params"]
+                if id(p) in self._param_group
+            ]
+            pairs.sort(key=lambda pair: pair[1])
+            # An optimizer that unscales inside ``step()`` (fused) leaves scaled gradients for this hook; Lightning
+            # and Fabric detect it by this attribute.
+            scaled = self._scaler is not None and bool(getattr(inner, "_step_supports_amp_scaling", False))
+            plan = _Plan([p for p, _ in pairs], [g for _, g in pairs], scaled)
+            self._plans[id(inner)] = plan
+        return plan
+
+    def _index(self, plan: _Plan, present: tuple[int, ...]) -> Tensor:
+        index = plan.index_cache.get(present)
+        if index is None:
+            assert self._acc is not None
+            index = torch.tensor([plan.group_of[i] for i in present], dtype=torch.long, device=self._acc.device)
+            plan.index_cache[present] = index
+        return index
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "groups": list(self.groups),
+            "acc": None if self._acc is None else self._acc.detach().cpu().clone(),
+            "history_epochs": list(self.history_epochs),
+            "history": [list(row) for row in self.history],
+            "history_total": list(self.history_total),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        version = state_dict.get("version")
+        if version != _STATE_VERSION:
+            raise ValueError(
+                f"LayerAttributionCallback state has version {version!r}; this release reads version {_STATE_VERSION}"
+            )
+        self._pending = dict(state_dict)
+        if self._acc is not None:  # restored after on_fit_start (strategies that restore after setup)
+            self._apply_state(self._pending)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        assert self._acc is not None
+        if list(state["groups"]) != list(self.groups):
+            raise MisconfigurationException(
+                f"LayerAttributionCallback: the checkpoint has layer groups {state['groups']}, the model now has"
+                f" {list(self.groups)}; pass the same `group_by` as the run that wrote it."
+            )
+        if state["acc"] is not None:
+            self._acc.copy_(state["acc"].to(device=self._acc.device, dtype=self._acc.dtype))
+        self.history_epochs = list(state["history_epochs"])
+        self.history = [list(row) for row in state["history"]]
+        self.history_total = list(state["history_total"])
+        self._pending = None
+
+
+def check_strategy(strategy: Strategy) -> None:
+    """Raise for strategies that shard parameters, whose local gradients are shards.
+
+    Raises:
+        MisconfigurationException: for FSDP, DeepSpeed and ModelParallel strategies.
+
+    Example:
+        >>> from lightning.pytorch.strategies import SingleDeviceStrategy
+        >>> check_strategy(SingleDeviceStrategy("cpu"))
+    """
+    if isinstance(strategy, _SHARDED) or "fsdp" in type(strategy).__name__.lower():
+        raise MisconfigurationException(
+            f"LayerAttributionCallback does not support the sharded strategy {type(strategy).__name__}: each rank"
+            " holds only a shard of each gradient, so its norms would be wrong. Use DDP or a single device."
+        )
+
+
+def group_modules(model: nn.Module, groups: dict[str, list[str]]) -> dict[str, nn.Module]:
+    """The submodule of each group whose parameters are exactly the group's, by the group's name.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> sorted(group_modules(net, {"0": ["0.weight", "0.bias"], "x": ["2.weight"]}))
+        ['0']
+    """
+    named = dict(model.named_parameters())
+    found = {}
+    for name, params in groups.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if {id(p) for p in module.parameters()} == {id(named[n]) for n in params}:
+            found[name] = module
+    return found
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _mean(total: float, count: float) -> float | None:
+    return None if count == 0 else total / count
+
+
+def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        kind = "None or an int" if optional else "an int"
+        raise TypeError(f"`{name}` must be {kind}, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")

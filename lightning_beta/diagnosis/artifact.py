@@ -1,0 +1,307 @@
+"""The layer-attribution artifact: its dataclass, the atomic JSON writer and the validating reader.
+
+``LayerAttributionCallback`` writes ``attribution.json`` at fit end; :func:`load_attribution` reads it back without a
+Trainer, for the diagnosis functions and for plots. Schema version 1 (one JSON object)::
+
+    schema_version  1
+    kind            "lightning_beta.layer_attribution"
+    complete        false when written from an exception, before training ended
+    norm_type, group_by, global_step, reference_batches
+    groups          [{"name", "n_params", "parameters": [dotted names]}], in group order
+    history         {"epochs": [e, ...], "mean": [[per group] per epoch], "total": [per epoch]}
+    totals          {group: {"mean", "rms", "max", "count", "nonfinite"}}; "total": the same for the whole model
+    reference       {group: {"mean": [per channel], "var": [per channel], "count"}}; "reference_skipped": [groups]
+
+Norms of steps or epochs with no finite value are ``null``; the JSON never holds NaN or Infinity.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+SCHEMA_VERSION = 1
+KIND = "lightning_beta.layer_attribution"
+_REQUIRED = ("schema_version", "kind", "complete", "groups", "history", "totals", "total")
+
+
+@dataclass(frozen=True)
+class GroupTotals:
+    """Statistics of one group's gradient norm over all counted optimizer steps (``None`` when ``count`` is 0)."""
+
+    mean: float | None
+    rms: float | None
+    max: float | None
+    count: int
+    nonfinite: int
+
+
+@dataclass(frozen=True)
+class ReferenceStats:
+    """Per-channel mean and (population) variance of a group module's output on the reference batches."""
+
+    mean: list[float]
+    var: list[float]
+    count: int
+
+
+@dataclass(frozen=True)
+class AttributionArtifact:
+    """What ``LayerAttributionCallback`` saved: per-group gradient norms, their history and reference statistics.
+
+    Build it with :func:`load_attribution`; :meth:`to_dict` gives the JSON object back.
+    """
+
+    groups: dict[str, int]
+    parameters: dict[str, list[str]]
+    history_epochs: list[int]
+    history: list[list[float | None]]
+    history_total: list[float | None]
+    totals: dict[str, GroupTotals]
+    total: GroupTotals
+    complete: bool = True
+    norm_type: float = 2.0
+    group_by: Any = "auto"
+    global_step: int = 0
+    reference_batches: int = 0
+    reference: dict[str, ReferenceStats] = field(default_factory=dict)
+    reference_skipped: list[str] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    def size_normalised(self) -> dict[str, float | None]:
+        """Mean norm over ``sqrt(n_params)`` per group: an RMS-like score that does not favour big groups."""
+        scores: dict[str, float | None] = {}
+        for name, n in self.groups.items():
+            mean = self.totals[name].mean
+            scores[name] = None if mean is None or n == 0 else mean / math.sqrt(n)
+        return scores
+
+    def ranking(self) -> list[tuple[str, float]]:
+        """Groups with a score, highest size-normalised norm first."""
+        scores = [(name, s) for name, s in self.size_normalised().items() if s is not None]
+        return sorted(scores, key=lambda item: item[1], reverse=True)
+
+    def ranking_markdown(self) -> str:
+        """The ranking as a markdown table (TensorBoard's text plugin renders it)."""
+        lines = ["| rank | group | n_params | mean norm | mean / sqrt(n) |", "|---:|---|---:|---:|---:|"]
+        for rank, (name, score) in enumerate(self.ranking(), start=1):
+            mean = self.totals[name].mean
+            lines.append(f"| {rank} | {name} | {self.groups[name]} | {mean:.4g} | {score:.4g} |")
+        return "\n".join(lines)
+
+    def history_tensor(self) -> Tensor:
+        """The history as a float64 ``(epochs, groups)`` tensor, NaN where an epoch had no finite norm."""
+        rows = [[math.nan if v is None else v for v in row] for row in self.history]
+        return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(self.groups))
+
+    def heatmap(self, cell: int = 16) -> Tensor:
+        """An ``(H, W, 3)`` uint8 image of ``log10`` of the history, epochs down and groups across.
+
+        Each cell is ``cell`` pixels square; missing values are grey. The colours run from dark blue (smallest
+        norm of the run) to yellow (largest).
+        """
+        return heatmap_image(self.history_tensor(), cell=cell)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of the artifact."""
+        return {
+            "schema_version": self.schema_version,
+            "kind": KIND,
+            "complete": self.complete,
+            "norm_type": _json_float(self.norm_type),
+            "group_by": self.group_by,
+            "global_step": self.global_step,
+            "reference_batches": self.reference_batches,
+            "groups": [
+                {"name": n, "n_params": c, "parameters": self.parameters.get(n, [])} for n, c in self.groups.items()
+            ],
+            "history": {"epochs": self.history_epochs, "mean": self.history, "total": self.history_total},
+            "totals": {name: vars(t) for name, t in self.totals.items()},
+            "total": vars(self.total),
+            "reference": {name: vars(r) for name, r in self.reference.items()},
+            "reference_skipped": self.reference_skipped,
+        }
+
+
+def save_attribution(artifact: AttributionArtifact, path: str | os.PathLike) -> Path:
+    """Write the artifact as JSON atomically: a temporary file in the same directory, then ``os.replace``.
+
+    A reader never sees a half-written file, and a crash leaves the previous artifact in place.
+
+    Args:
+        artifact: what to write.
+        path: the target file; its directory is created.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: if the artifact holds NaN or infinite numbers (they are not JSON).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(artifact.to_dict(), indent=1, allow_nan=False)
+    # ``os.open`` with mode 0o666 (not ``mkstemp``, which makes 0o600 files) so the umask decides, as for any file.
+    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+    return target
+
+
+def load_attribution(path: str | os.PathLike) -> AttributionArtifact:
+    """Read an ``attribution.json`` written by ``LayerAttributionCallback``.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The artifact.
+
+    Raises:
+        TypeError: if ``path`` is not a string or path.
+        FileNotFoundError: if the file does not exist.
+        ValueError: if the file is not JSON, not an attribution artifact, of an unknown schema version, or
+            inconsistent (a history row or a total that does not match the groups).
+
+    Example:
+        >>> import tempfile, os
+        >>> art = AttributionArtifact(
+        ...     groups={"body": 10, "head": 4}, parameters={}, history_epochs=[0], history=[[0.5, 2.0]],
+        ...     history_total=[2.06], totals={"body": GroupTotals(0.5, 0.5, 0.5, 1, 0),
+        ...     "head": GroupTotals(2.0, 2.0, 2.0, 1, 0)}, total=GroupTotals(2.06, 2.06, 2.06, 1, 0))
+        >>> path = save_attribution(art, os.path.join(tempfile.mkdtemp(), "attribution.json"))
+        >>> load_attribution(path).ranking()[0][0]
+        'head'
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a str or os.PathLike, got {type(path).__name__}")
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{os.fspath(path)!r} is not an attribution artifact: not valid JSON ({err})") from err
+    return artifact_from_dict(data, source=os.fspath(path))
+
+
+def artifact_from_dict(data: Any, source: str = "<dict>") -> AttributionArtifact:
+    """Validate a parsed JSON object and build the artifact (see :func:`load_attribution` for the errors)."""
+    where = f"{source!r} is not an attribution artifact"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    missing = [key for key in _REQUIRED if key not in data]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {missing}")
+    if data["kind"] != KIND:
+        raise ValueError(f"{where}: `kind` is {data['kind']!r}, expected {KIND!r}")
+    if data["schema_version"] != SCHEMA_VERSION:
+        raise ValueError(
+            f"{source!r} has schema_version {data['schema_version']!r}; this release reads {SCHEMA_VERSION}"
+        )
+    try:
+        groups = {str(g["name"]): int(g["n_params"]) for g in data["groups"]}
+        parameters = {str(g["name"]): [str(p) for p in g.get("parameters", [])] for g in data["groups"]}
+        history = data["history"]
+        rows = [[_opt_float(v) for v in row] for row in history["mean"]]
+        epochs = [int(e) for e in history["epochs"]]
+        history_total = [_opt_float(v) for v in history["total"]]
+        totals = {str(name): _totals(t) for name, t in data["totals"].items()}
+        total = _totals(data["total"])
+        reference = {
+            str(name): ReferenceStats([float(v) for v in r["mean"]], [float(v) for v in r["var"]], int(r["count"]))
+            for name, r in data.get("reference", {}).items()
+        }
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{where}: malformed field ({type(err).__name__}: {err})") from err
+    if any(len(row) != len(groups) for row in rows) or not (len(rows) == len(epochs) == len(history_total)):
+        raise ValueError(f"{where}: `history` must have one row of {len(groups)} values per epoch")
+    if set(totals) != set(groups):
+        raise ValueError(f"{where}: `totals` names {sorted(totals)} but `groups` names {sorted(groups)}")
+    unknown = sorted(set(reference) - set(groups))
+    if unknown:
+        raise ValueError(f"{where}: `reference` names unknown group(s) {unknown}")
+    return AttributionArtifact(
+        groups=groups,
+        parameters=parameters,
+        history_epochs=epochs,
+        history=rows,
+        history_total=history_total,
+        totals=totals,
+        total=total,
+        complete=bool(data["complete"]),
+        norm_type=float(data.get("norm_type", 2.0)),
+        group_by=data.get("group_by", "auto"),
+        global_step=int(data.get("global_step", 0)),
+        reference_batches=int(data.get("reference_batches", 0)),
+        reference=reference,
+        reference_skipped=[str(n) for n in data.get("reference_skipped", [])],
+    )
+
+
+def heatmap_image(values: Tensor, cell: int = 16) -> Tensor:
+    """Render a 2-D tensor as an ``(H, W, 3)`` uint8 image of ``log10(values)`` with a viridis-like colormap.
+
+    Args:
+        values: ``(rows, cols)``; NaN, zero or negative entries are drawn grey.
+        cell: side of each cell in pixels. Defaults to ``16``.
+
+    Example:
+        >>> heatmap_image(torch.tensor([[1.0, 10.0], [100.0, float("nan")]]), cell=2).shape
+        torch.Size([4, 4, 3])
+    """
+    values = values.double()
+    ok = torch.isfinite(values) & (values > 0)
+    logged = torch.where(ok, values.clamp_min(1e-300).log10(), torch.zeros_like(values))
+    if ok.any():
+        low, high = logged[ok].min(), logged[ok].max()
+        scaled = (logged - low) / (high - low) if high > low else torch.full_like(logged, 0.5)
+    else:
+        scaled = torch.zeros_like(logged)
+    rgb = _colormap(scaled.clamp(0, 1))
+    rgb[~ok] = torch.tensor([0.5, 0.5, 0.5], dtype=rgb.dtype)
+    image = (rgb * 255).round().to(torch.uint8)
+    return image.repeat_interleave(cell, dim=0).repeat_interleave(cell, dim=1)
+
+
+# Five anchor colours of matplotlib's viridis (dark blue, blue, teal, green, yellow), linearly interpolated.
+_ANCHORS = torch.tensor(
+    [[0.267, 0.005, 0.329], [0.231, 0.322, 0.545], [0.129, 0.569, 0.549], [0.369, 0.788, 0.384], [0.993, 0.906, 0.144]],
+    dtype=torch.float64,
+)
+
+
+def _colormap(x: Tensor) -> Tensor:
+    pos = x * (len(_ANCHORS) - 1)
+    lo = pos.floor().long().clamp(0, len(_ANCHORS) - 2)
+    frac = (pos - lo).unsqueeze(-1)
+    return _ANCHORS[lo] * (1 - frac) + _ANCHORS[lo + 1] * frac
+
+
+def _totals(t: Any) -> GroupTotals:
+    return GroupTotals(
+        _opt_float(t["mean"]), _opt_float(t["rms"]), _opt_float(t["max"]), int(t["count"]), int(t["nonfinite"])
+    )
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _json_float(value: float) -> float | str:
+    return "inf" if math.isinf(value) else value
