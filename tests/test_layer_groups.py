@@ -71,7 +71,7 @@ def test_shared_parameter_counted_once():
 @pytest.mark.parametrize(
     ("group_by", "error", "match"),
     [
-        ("layers", ValueError, '`group_by` must be "auto", an int depth or a dict of regex lists, got \'layers\''),
+        ("layers", ValueError, "`group_by` must be \"auto\", an int depth or a dict of regex lists, got 'layers'"),
         (0, ValueError, "`group_by` as a module depth must be >= 1, got 0"),
         (True, TypeError, "got bool"),
         (1.5, TypeError, "`group_by` must be 'auto', an int or a dict, got float"),

@@ -145,8 +145,14 @@ def test_two_param_groups_one_frozen(tmp_path):
 
 def test_logged_values_are_the_written_ones(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="tb")
-    _, rec = fit(tmp_path, TinyModel(sgd(lr=0.05), cosine_step(8)), [BetaMomentumCallback()], logger=logger,
-                 max_epochs=2, log_every_n_steps=2)
+    _, rec = fit(
+        tmp_path,
+        TinyModel(sgd(lr=0.05), cosine_step(8)),
+        [BetaMomentumCallback()],
+        logger=logger,
+        max_epochs=2,
+        log_every_n_steps=2,
+    )
     scalars = read_scalars(logger.log_dir)
     logged = dict(scalars["beta/momentum"])
     # first step, then every second step: (step + 1) % 2 == 0
