@@ -38,7 +38,7 @@ from lightning_beta import BetaMomentumCallback, DampingRegimeMonitor, LayerAttr
 from lightning_beta.digits import DigitsClassifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import machine_lines, replace_section  # noqa: E402
+from _results import machine_lines, replace_section
 
 WARMUP = 10
 

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_beta import LayerAttributionCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import machine_lines, replace_section  # noqa: E402
+from _results import machine_lines, replace_section
 
 
 class TimedAttribution(LayerAttributionCallback):
