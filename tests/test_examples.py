@@ -48,3 +48,11 @@ def test_03_layer_attribution(tmp_path):
     artifact = load_attribution(artifacts[0])
     assert artifact.complete and len(artifact.history) == 2
     assert f"({artifact.total.count} optimizer steps)" in out
+
+
+@pytest.mark.slow
+def test_04_diagnose_and_repair():
+    out = run_example("04_diagnose_and_repair.py")
+    assert "with the planted fault" in out
+    assert "flagged: ['layer2'" in out  # activation drift names the group the fault was planted in
+    assert "## Treat and verify" in out

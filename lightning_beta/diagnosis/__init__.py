@@ -1,5 +1,44 @@
-"""Diagnosis on a trained model or a saved artifact, no Trainer required."""
+"""Diagnosis on a trained model or a saved artifact, no Trainer required.
+
+Localize (:func:`attribute_errors`, :func:`activation_drift`, :func:`kinetic_energy_scores`), Diagnose
+(:func:`flag_layers`, :func:`optimizer_overlap`), Treat (:func:`surgical_correction`), Verify (:func:`verify`),
+and all of them at once (:func:`diagnose`).
+"""
 
 from lightning_beta.diagnosis.artifact import AttributionArtifact, GroupTotals, ReferenceStats, load_attribution
+from lightning_beta.diagnosis.drift import activation_drift, channel_drift, reference_statistics
+from lightning_beta.diagnosis.flag import Overlap, flag_layers, jaccard, optimizer_overlap, spearman
+from lightning_beta.diagnosis.kinetic import kinetic_energy_probe, kinetic_energy_scores
+from lightning_beta.diagnosis.localize import attribute_errors, error_gradients
+from lightning_beta.diagnosis.report import DiagnosisReport, diagnose, scan_history
+from lightning_beta.diagnosis.scores import LayerScores
+from lightning_beta.diagnosis.treat import SurgeryResult, surgical_correction
+from lightning_beta.diagnosis.verify import ClassChange, Verification, verify
 
-__all__ = ["AttributionArtifact", "GroupTotals", "ReferenceStats", "load_attribution"]
+__all__ = [
+    "AttributionArtifact",
+    "ClassChange",
+    "DiagnosisReport",
+    "GroupTotals",
+    "LayerScores",
+    "Overlap",
+    "ReferenceStats",
+    "SurgeryResult",
+    "Verification",
+    "activation_drift",
+    "attribute_errors",
+    "channel_drift",
+    "diagnose",
+    "error_gradients",
+    "flag_layers",
+    "jaccard",
+    "kinetic_energy_probe",
+    "kinetic_energy_scores",
+    "load_attribution",
+    "optimizer_overlap",
+    "reference_statistics",
+    "scan_history",
+    "spearman",
+    "surgical_correction",
+    "verify",
+]

@@ -1,0 +1,377 @@
+"""Activation drift: how far each group's output statistics moved from a reference, and how much of it the group adds.
+
+Ours, not the paper's. A fault planted in one group changes the statistics of that group's output and of
+everything downstream; the gradient score of the misclassified samples does not single it out (see
+``benchmarks/RESULTS.md``). Scoring each group by the drift it *adds*, drift at its output minus drift at its
+input, puts the group that introduces a fault first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_beta.diagnosis._batches import iter_batches, model_device
+from lightning_beta.diagnosis.artifact import AttributionArtifact, ReferenceStats
+from lightning_beta.diagnosis.scores import LayerScores
+from lightning_beta.layer_groups import GroupBy, group_parameters, group_sizes
+
+Reference = AttributionArtifact | Mapping[str, ReferenceStats]
+
+
+def channel_drift(mean_now: Tensor, var_now: Tensor, mean_ref: Tensor, var_ref: Tensor, eps: float = 1e-3) -> float:
+    r"""Drift of per-channel statistics from a reference, averaged over channels.
+
+    Per channel ``c``, with ``v = var + eps * mean_c(var_ref)`` (a floor relative to the layer's typical variance,
+    so near-dead channels do not dominate):
+
+    .. math::
+        d_c = \frac{|\mu^{now}_c - \mu^{ref}_c|}{\sqrt{v^{ref}_c}}
+            + \frac{1}{2}\left|\log\frac{v^{now}_c}{v^{ref}_c}\right|
+
+    and the drift is ``mean_c d_c``. Why this form: (1) both terms are unchanged when now and reference pass
+    through the same per-channel affine map ``a x + b`` (an eval-mode BatchNorm, a channel scale), so a group that
+    only rescales what it receives adds no drift, which is what makes "drift added = output drift minus input
+    drift" meaningful; (2) it grows linearly in the mean shift (in reference standard deviations) and in the log
+    variance ratio, like the square root of the symmetric KL divergence between the two Gaussians for small
+    drifts, but without the KL's quadratic blow-up that would let one amplified downstream layer dominate.
+
+    Args:
+        mean_now: per-channel mean now, shape ``(C,)``.
+        var_now: per-channel variance now.
+        mean_ref: per-channel reference mean.
+        var_ref: per-channel reference variance.
+        eps: relative variance floor. Defaults to ``1e-3``.
+
+    Returns:
+        The mean drift over channels, ``>= 0``.
+
+    Example:
+        >>> ref_m, ref_v = torch.zeros(2), torch.ones(2)
+        >>> channel_drift(ref_m, ref_v, ref_m, ref_v)
+        0.0
+        >>> round(channel_drift(torch.tensor([1.0, 1.0]), ref_v, ref_m, ref_v, eps=0.0), 6)  # one std shift
+        1.0
+        >>> round(channel_drift(ref_m, torch.full((2,), 7.389056), ref_m, ref_v, eps=0.0), 4)  # var times e^2
+        1.0
+    """
+    mean_now, var_now, mean_ref, var_ref = (t.double() for t in (mean_now, var_now, mean_ref, var_ref))
+    floor = eps * var_ref.clamp_min(0).mean() + 1e-12
+    v_ref = var_ref.clamp_min(0) + floor
+    v_now = var_now.clamp_min(0) + floor
+    per_channel = (mean_now - mean_ref).abs() / v_ref.sqrt() + 0.5 * (v_now / v_ref).log().abs()
+    return float(per_channel.mean())
+
+
+class _ChannelStats:
+    """Running per-channel sum, sum of squares and count of a tensor (channel = dim 1, as the callback)."""
+
+    def __init__(self) -> None:
+        self.total: Tensor | None = None
+        self.total_sq: Tensor | None = None
+        self.count = 0
+
+    def add(self, out: Tensor) -> None:
+        x = out.detach().double()
+        x = x.reshape(-1, 1) if x.dim() <= 1 else x.movedim(1, 0).reshape(x.shape[1], -1).T
+        if self.total is None or self.total_sq is None:
+            self.total, self.total_sq = x.sum(0), (x * x).sum(0)
+        else:
+            self.total += x.sum(0)
+            self.total_sq += (x * x).sum(0)
+        self.count += x.shape[0]
+
+    def moments(self) -> tuple[Tensor, Tensor]:
+        assert self.total is not None and self.total_sq is not None  # only called after add
+        mean = self.total / self.count
+        return mean, (self.total_sq / self.count - mean * mean).clamp_min(0)
+
+
+def _first_tensor(value: Any) -> Tensor | None:
+    if isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    return value if isinstance(value, Tensor) and value.is_floating_point() else None
+
+
+def group_modules(model: nn.Module, groups: Mapping[str, list[str]]) -> dict[str, nn.Module]:
+    """The submodule of each group whose parameters are exactly the group's (groups without one are left out)."""
+    named = dict(model.named_parameters())
+    found = {}
+    for name, params in groups.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if {id(p) for p in module.parameters()} == {id(named[n]) for n in params}:
+            found[name] = module
+    return found
+
+
+def reference_statistics(
+    model: nn.Module, dataloader: Iterable[Any], group_by: GroupBy = "auto"
+) -> dict[str, ReferenceStats]:
+    """Per-channel mean and variance of each group's output, in eval mode: a reference for :func:`activation_drift`.
+
+    The same statistics ``LayerAttributionCallback`` stores in its artifact, for a model trained without it.
+
+    Args:
+        model: the healthy model.
+        dataloader: yields ``(inputs, targets)`` batches (the targets are ignored).
+        group_by: layer groups. Defaults to ``"auto"``.
+
+    Returns:
+        Group name to its output statistics, for groups that own a module.
+
+    Raises:
+        ValueError: if the dataloader yields no samples.
+    """
+    groups = group_parameters(model, group_by)
+    stats, _, _ = _output_pass(model, dataloader, group_modules(model, groups))
+    out = {}
+    for name, acc in stats.items():
+        mean, var = acc.moments()
+        out[name] = ReferenceStats(mean.cpu().tolist(), var.cpu().tolist(), acc.count)
+    return out
+
+
+def _output_pass(
+    model: nn.Module, dataloader: Iterable[Any], modules: Mapping[str, nn.Module], inputs: bool = False
+) -> tuple[dict[str, _ChannelStats], dict[str, str | None], list[str]]:
+    """Output (or input) statistics of each module, its producer among them, and their execution order."""
+    stats = {name: _ChannelStats() for name in modules}
+    producer: dict[str, str | None] = {}
+    order: list[str] = []
+    live: dict[int, tuple[str, Tensor]] = {}  # first batch only: output tensor id -> producing module
+    state: dict[str, Any] = {"first": True, "last": None}
+
+    def pre_hook(name: str) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            x = _first_tensor(args)
+            if state["first"] and name not in producer:
+                found = live.get(id(x)) if x is not None else None
+                producer[name] = found[0] if found is not None and found[1] is x else state["last"]
+            if inputs and x is not None:
+                stats[name].add(x)
+
+        return hook
+
+    def post_hook(name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            out = _first_tensor(output)
+            if state["first"]:
+                if name not in order:
+                    order.append(name)
+                state["last"] = name
+                if out is not None:
+                    live[id(out)] = (name, out)
+            if not inputs and out is not None:
+                stats[name].add(out)
+
+        return hook
+
+    handles = []
+    for name, module in modules.items():
+        handles.append(module.register_forward_pre_hook(pre_hook(name)))
+        handles.append(module.register_forward_hook(post_hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x, _ in iter_batches(dataloader, model_device(model)):
+                model(x)
+                state["first"], state["last"] = False, None
+                live.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {n: s for n, s in stats.items() if s.count}, producer, order
+
+
+def activation_drift(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    reference: Reference | None = None,
+    group_by: GroupBy = "auto",
+    eps: float = 1e-3,
+) -> LayerScores:
+    """Score each group by the activation drift it adds: drift at its output minus drift at its input.
+
+    Drift is :func:`channel_drift` of per-channel statistics now (eval mode, over the whole dataloader) against a
+    reference, and a group's score is ``max(0, drift_out - drift_in)``, so the group that introduces a fault ranks
+    above the groups downstream of it that only carry it along. Two kinds of reference:
+
+    - ``reference`` given (an :class:`AttributionArtifact` or its ``reference`` dict, or
+      :func:`reference_statistics` of the healthy model): statistics of each group's *output*. The input drift
+      of a group is the output drift of the group whose output it receives (by tensor identity), else of the group
+      that ran just before it (through a parameter-free op such as a ReLU), else 0.
+    - ``reference=None`` and the model has BatchNorm: each BatchNorm's running statistics are the reference of
+      its *input*. A BatchNorm's input drift is credited to the group owning the module that produced that input
+      (the convolution before it); a group's output drift is the largest drift among the BatchNorms it feeds,
+      and its input drift the largest among those fed by the group credited just before it. Groups that feed no
+      BatchNorm (e.g. a BatchNorm group itself or the classifier head) cannot be observed and score 0; the
+      ``message`` lists them.
+
+    Args:
+        model: the model to examine.
+        dataloader: yields ``(inputs, targets)``; the targets are ignored.
+        reference: output statistics per group, or ``None`` to use BatchNorm running statistics. Defaults to
+            ``None``.
+        group_by: layer groups. Defaults to ``"auto"``.
+        eps: relative variance floor of :func:`channel_drift`. Defaults to ``1e-3``.
+
+    Returns:
+        Scores with ``method="drift"`` and the detail columns ``output`` and ``input`` (the two drifts).
+
+    Raises:
+        ValueError: if the dataloader is empty; if ``reference`` is ``None`` and the model has no BatchNorm running
+            statistics; if the reference comes from a different model (a group the model does not have, other
+            parameter counts, or another number of channels).
+
+    Example:
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> data = DataLoader(TensorDataset(torch.randn(64, 4), torch.zeros(64, dtype=torch.long)), batch_size=16)
+        >>> ref = reference_statistics(net, data)
+        >>> with torch.no_grad():
+        ...     _ = net[2].weight.mul_(-3.0)  # plant a fault in group "2"
+        >>> activation_drift(net, data, ref).ranking[0]
+        '2'
+    """
+    groups = group_parameters(model, group_by)
+    sizes = group_sizes(model, groups)
+    if reference is None:
+        out_drift, in_drift, unobserved = _batchnorm_drift(model, dataloader, groups, eps)
+    else:
+        ref = _check_reference(reference, groups, sizes)
+        out_drift, in_drift, unobserved = _reference_drift(model, dataloader, groups, ref, eps)
+    scores = {name: max(0.0, out_drift.get(name, 0.0) - in_drift.get(name, 0.0)) for name in groups}
+    message = None
+    if unobserved:
+        message = f"group(s) {unobserved} have no reference statistics and score 0"
+    return LayerScores(
+        scores=scores,
+        method="drift",
+        n_params=sizes,
+        details={"output": out_drift, "input": in_drift},
+        n_samples=0,
+        message=message,
+    )
+
+
+def _check_reference(
+    reference: Reference, groups: Mapping[str, list[str]], sizes: Mapping[str, int]
+) -> Mapping[str, ReferenceStats]:
+    if isinstance(reference, AttributionArtifact):
+        if reference.groups and dict(reference.groups) != dict(sizes):
+            raise ValueError(
+                "`reference` was recorded on a different model: its groups (name: n_params) are"
+                f" {dict(reference.groups)}, the model's are {dict(sizes)}"
+            )
+        ref: Mapping[str, ReferenceStats] = reference.reference
+    elif isinstance(reference, Mapping):
+        ref = reference
+    else:
+        raise TypeError(
+            "`reference` must be an AttributionArtifact, a dict of ReferenceStats or None,"
+            f" got {type(reference).__name__}"
+        )
+    unknown = [name for name in ref if name not in groups]
+    if unknown:
+        raise ValueError(
+            f"`reference` was recorded on a different model: it names group(s) {unknown} that the model does not"
+            f" have; the model's groups are {list(groups)}"
+        )
+    if not ref:
+        raise ValueError("`reference` holds no statistics (was the artifact written with `reference_batches=0`?)")
+    return ref
+
+
+def _reference_drift(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    groups: Mapping[str, list[str]],
+    ref: Mapping[str, ReferenceStats],
+    eps: float,
+) -> tuple[dict[str, float], dict[str, float], list[str]]:
+    modules = group_modules(model, dict(groups))
+    stats, producer, _ = _output_pass(model, dataloader, modules)
+    out_drift: dict[str, float] = {}
+    for name, acc in stats.items():
+        if name not in ref:
+            continue
+        mean, var = acc.moments()
+        r = ref[name]
+        if len(r.mean) != mean.shape[0] or len(r.var) != mean.shape[0]:
+            raise ValueError(
+                f"`reference` was recorded on a different model: group {name!r} has {len(r.mean)} channel(s) in the"
+                f" reference but {mean.shape[0]} in the model's output"
+            )
+        out_drift[name] = channel_drift(mean, var, torch.tensor(r.mean), torch.tensor(r.var), eps)
+    in_drift = {}
+    for name in out_drift:
+        source = producer.get(name)
+        in_drift[name] = out_drift.get(source, 0.0) if source is not None else 0.0
+    unobserved = [name for name in groups if name not in out_drift]
+    return out_drift, in_drift, unobserved
+
+
+def _owner(module_name: str, groups: Mapping[str, list[str]]) -> str | None:
+    prefix = f"{module_name}." if module_name else ""
+    for group, params in groups.items():
+        if any(p.startswith(prefix) and "." not in p[len(prefix) :] for p in params):
+            return group
+    # A parameter-free module (affine=False BatchNorm): the group whose name is the longest prefix of its path.
+    best = None
+    for group in groups:
+        if (module_name == group or module_name.startswith(f"{group}.")) and (best is None or len(group) > len(best)):
+            best = group
+    return best
+
+
+def _batchnorm_drift(
+    model: nn.Module, dataloader: Iterable[Any], groups: Mapping[str, list[str]], eps: float
+) -> tuple[dict[str, float], dict[str, float], list[str]]:
+    bns = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
+    }
+    if not bns:
+        raise ValueError(
+            "`reference` is None and the model has no BatchNorm running statistics to compare with: pass an"
+            " AttributionArtifact or the dict of `reference_statistics(healthy_model, dataloader)`"
+        )
+    # Every module with its own parameters may produce a BatchNorm's input; the BatchNorms are the probes.
+    producers = {name: m for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None}
+    modules = {**producers, **bns}
+    # Input statistics of the BatchNorms are what the running statistics describe; outputs are not needed.
+    stats, producer, order = _output_pass(model, dataloader, modules, inputs=True)
+    credited: list[tuple[str, float]] = []  # (group, drift) per BatchNorm, in execution order
+    for name in order:
+        if name not in bns or name not in stats:
+            continue
+        mean, var = stats[name].moments()
+        bn = bns[name]
+        assert bn.running_mean is not None and bn.running_var is not None
+        drift = channel_drift(mean, var, bn.running_mean, bn.running_var, eps)
+        source = producer.get(name)
+        group = _owner(source, groups) if source is not None and source not in bns else None
+        group = group or _owner(name, groups)
+        if group is not None:
+            credited.append((group, drift))
+    out_drift: dict[str, float] = {}
+    in_drift: dict[str, float] = {}
+    previous: str | None = None
+    for group, drift in credited:
+        if group not in out_drift:
+            in_drift[group] = out_drift.get(previous, 0.0) if previous is not None else 0.0
+        out_drift[group] = max(out_drift.get(group, 0.0), drift)
+        previous = group
+    unobserved = [name for name in groups if name not in out_drift]
+    return out_drift, in_drift, unobserved

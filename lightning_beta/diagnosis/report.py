@@ -1,0 +1,256 @@
+"""The whole pipeline in one call: Scan, Localize, Diagnose, Treat, Verify, and its report (PAPER.md sections 3-4)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_beta.diagnosis.drift import Reference, activation_drift
+from lightning_beta.diagnosis.flag import flag_layers
+from lightning_beta.diagnosis.kinetic import kinetic_energy_probe
+from lightning_beta.diagnosis.localize import attribute_errors
+from lightning_beta.diagnosis.scores import LayerScores
+from lightning_beta.diagnosis.treat import SurgeryResult, surgical_correction
+from lightning_beta.diagnosis.verify import Verification, verify
+from lightning_beta.layer_groups import GroupBy, group_parameters
+
+Localizer = Literal["auto", "gradient", "drift", "kinetic"]
+
+
+def scan_history(history: Sequence[Any]) -> dict[str, Any]:
+    """Summarise a damping-regime history: any list of dicts or dataclasses (e.g. ``DampingRegimeMonitor.history``).
+
+    Args:
+        history: per-epoch records; a ``regime`` field, when present, is counted.
+
+    Returns:
+        ``{"n_records", "regimes": {regime: count}, "last": the last record as a dict}``.
+
+    Raises:
+        TypeError: if a record is neither a mapping nor a dataclass instance.
+
+    Example:
+        >>> scan_history([{"epoch": 0, "regime": "underdamped"}, {"epoch": 1, "regime": "critical"}])["regimes"]
+        {'underdamped': 1, 'critical': 1}
+    """
+    records = []
+    for record in history:
+        if dataclasses.is_dataclass(record) and not isinstance(record, type):
+            records.append(dataclasses.asdict(record))
+        elif isinstance(record, Mapping):
+            records.append(dict(record))
+        else:
+            raise TypeError(f"`history` records must be dicts or dataclasses, got {type(record).__name__}")
+    regimes = Counter(str(r["regime"]) for r in records if "regime" in r)
+    return {"n_records": len(records), "regimes": dict(regimes), "last": records[-1] if records else None}
+
+
+@dataclass
+class DiagnosisReport:
+    """Result of :func:`diagnose`.
+
+    Attributes:
+        scan: the damping-regime summary (:func:`scan_history`), ``None`` without a history.
+        scores: the localizer's scores.
+        flagged: the groups treated.
+        surgery: the treatment, ``None`` when nothing was flagged.
+        verification: treated model vs the input on the validation set, ``None`` when nothing was flagged.
+        baseline: full retraining (every group, same recipe), when asked for.
+        baseline_verification: the baseline vs the input on the validation set.
+        message: why nothing was treated, if so.
+    """
+
+    scan: dict[str, Any] | None
+    scores: LayerScores
+    flagged: list[str]
+    surgery: SurgeryResult | None = None
+    verification: Verification | None = None
+    baseline: SurgeryResult | None = None
+    baseline_verification: Verification | None = None
+    message: str | None = None
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The corrected model, ``None`` when nothing was treated."""
+        return self.surgery.model if self.surgery is not None else None
+
+    @property
+    def compute(self) -> dict[str, float] | None:
+        """Surgery's measured cost as fractions of the baseline's: wall time and optimizer steps (and parameters)."""
+        if self.surgery is None or self.baseline is None:
+            return None
+        s, b = self.surgery, self.baseline
+        return {
+            "time_fraction": s.wall_time_s / b.wall_time_s if b.wall_time_s > 0 else float("nan"),
+            "steps_fraction": s.optimizer_steps / b.optimizer_steps if b.optimizer_steps else float("nan"),
+            "params_fraction": s.fraction_trained / b.fraction_trained if b.fraction_trained else float("nan"),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the models, JSON-ready."""
+        return {
+            "scan": self.scan,
+            "scores": self.scores.to_dict(),
+            "flagged": self.flagged,
+            "surgery": self.surgery.to_dict() if self.surgery else None,
+            "verification": self.verification.to_dict() if self.verification else None,
+            "baseline": self.baseline.to_dict() if self.baseline else None,
+            "baseline_verification": self.baseline_verification.to_dict() if self.baseline_verification else None,
+            "compute": self.compute,
+            "message": self.message,
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        """:meth:`to_dict` as JSON (non-finite numbers as ``null``)."""
+        return json.dumps(_finite(self.to_dict()), indent=indent, allow_nan=False)
+
+    def to_markdown(self) -> str:
+        """A human-readable report: scan, scores, flagged groups, treatment, verification and compute."""
+        out = ["# Diagnosis report", ""]
+        if self.scan is not None:
+            out += ["## Scan", "", f"{self.scan['n_records']} record(s); regimes {self.scan['regimes']}", ""]
+        out += [f"## Localize ({self.scores.method})", "", self.scores.to_markdown(), ""]
+        out += ["## Diagnose", "", f"flagged: {', '.join(self.flagged) if self.flagged else 'nothing'}", ""]
+        if self.message:
+            out += [self.message, ""]
+        rows = [
+            ("surgery", self.surgery, self.verification),
+            ("full retraining", self.baseline, self.baseline_verification),
+        ]
+        if self.surgery is not None:
+            out += [
+                "## Treat and verify",
+                "",
+                "| run | groups | params trained | steps | wall s | acc before | acc after | fixed | broken | net |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            for label, run, ver in rows:
+                if run is None or ver is None:
+                    continue
+                out.append(
+                    f"| {label} | {', '.join(run.groups_touched)} | {run.fraction_trained:.1%} |"
+                    f" {run.optimizer_steps} | {run.wall_time_s:.2f} | {ver.accuracy_before:.4f} |"
+                    f" {ver.accuracy_after:.4f} | {ver.fixed} | {ver.broken} | {ver.net:+d} |"
+                )
+            compute = self.compute
+            if compute is not None:
+                out += [
+                    "",
+                    f"surgery used {compute['time_fraction']:.1%} of full retraining's wall time and"
+                    f" {compute['steps_fraction']:.1%} of its optimizer steps (measured).",
+                ]
+        return "\n".join(out) + "\n"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _localize(
+    localizer: Localizer,
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    reference: Reference | None,
+    group_by: GroupBy,
+) -> LayerScores:
+    if localizer == "auto":
+        has_bn = any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules())
+        localizer = "drift" if reference is not None or has_bn else "gradient"
+    if localizer == "gradient":
+        return attribute_errors(model, dataloader, group_by)
+    if localizer == "drift":
+        return activation_drift(model, dataloader, reference, group_by)
+    if localizer == "kinetic":
+        return kinetic_energy_probe(model, dataloader, group_by=group_by)
+    raise ValueError(f'`localizer` must be "auto", "gradient", "drift" or "kinetic", got {localizer!r}')
+
+
+def diagnose(
+    model: nn.Module,
+    train_dataloaders: Any,
+    val_dataloader: Iterable[Any],
+    *,
+    history: Sequence[Any] | None = None,
+    localizer: Localizer = "auto",
+    reference: Reference | None = None,
+    localize_dataloader: Iterable[Any] | None = None,
+    group_by: GroupBy = "auto",
+    ratio: float = 2.0,
+    top_k: int | None = None,
+    max_epochs: int = 1,
+    lr: float = 0.05,
+    momentum: Literal["beta"] | float = "beta",
+    selection: Literal["layers", "parameters"] = "layers",
+    baseline: bool = False,
+    baseline_epochs: int | None = None,
+    **trainer_kwargs: Any,
+) -> DiagnosisReport:
+    """Scan, Localize, Diagnose, Treat and Verify a trained classifier; optionally measure full retraining too.
+
+    Args:
+        model: the classifier to repair (not modified).
+        train_dataloaders: data for the retraining (``(inputs, targets)`` batches).
+        val_dataloader: held-out data for the verification.
+        history: a damping-regime history (``DampingRegimeMonitor.history`` or any list of dicts/dataclasses).
+            Defaults to ``None``.
+        localizer: ``"drift"`` (:func:`activation_drift`), ``"gradient"`` (:func:`attribute_errors`),
+            ``"kinetic"`` (:func:`kinetic_energy_probe`) or ``"auto"``: drift when a reference is given or the model
+            has BatchNorm, else gradient. Defaults to ``"auto"``.
+        reference: reference statistics for the drift localizer. Defaults to ``None``.
+        localize_dataloader: data to localize on. Defaults to ``train_dataloaders``.
+        group_by: layer groups. Defaults to ``"auto"``.
+        ratio: flagging rule of :func:`flag_layers`. Defaults to ``2.0``.
+        top_k: flagging rule of :func:`flag_layers`. Defaults to ``None``.
+        max_epochs: retraining epochs of the surgery. Defaults to ``1``.
+        lr: peak learning rate of the surgery. Defaults to ``0.05``.
+        momentum: ``"beta"`` or a constant. Defaults to ``"beta"``.
+        selection: ``"layers"`` or ``"parameters"`` (same budget). Defaults to ``"layers"``.
+        baseline: also retrain every group, to measure the compute saved. Defaults to ``False``.
+        baseline_epochs: epochs of the baseline. Defaults to ``max_epochs``.
+        **trainer_kwargs: further ``Trainer`` arguments for both fits.
+
+    Returns:
+        The report; ``report.model`` is the corrected model.
+
+    Raises:
+        ValueError: for an unknown ``localizer`` and the errors of the steps it runs.
+
+    Example:
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> data = DataLoader(TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,))), batch_size=8)
+        >>> report = diagnose(net, data, data, localizer="gradient", top_k=1)
+        >>> len(report.flagged), report.verification.n_samples
+        (1, 32)
+    """
+    scan = scan_history(history) if history is not None else None
+    scores = _localize(localizer, model, localize_dataloader or train_dataloaders, reference, group_by)
+    flagged = flag_layers(scores, ratio=ratio, top_k=top_k)
+    if not flagged:
+        reason = scores.message or "no group scored high enough to be flagged"
+        return DiagnosisReport(scan, scores, flagged, message=f"nothing treated: {reason}")
+    common = {"max_epochs": max_epochs, "lr": lr, "momentum": momentum, "group_by": group_by, **trainer_kwargs}
+    surgery = surgical_correction(model, flagged, train_dataloaders, selection=selection, **common)
+    verification = verify(model, surgery.model, val_dataloader)
+    base = base_ver = None
+    if baseline:
+        everything = list(group_parameters(model, group_by))
+        common["max_epochs"] = baseline_epochs or max_epochs
+        base = surgical_correction(model, everything, train_dataloaders, **common)
+        base_ver = verify(model, base.model, val_dataloader)
+    return DiagnosisReport(scan, scores, flagged, surgery, verification, base, base_ver)

@@ -1,0 +1,88 @@
+"""LayerScores: one score per layer group from a localizer, with its ranking and a printable table."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LayerScores:
+    """Per-group scores of one localizer (higher means "more likely where the errors come from").
+
+    Attributes:
+        scores: group name to score, in the model's group order. Non-negative and finite.
+        method: the localizer, e.g. ``"gradient"``, ``"drift"`` or ``"kinetic"``.
+        n_params: group name to its number of scalar parameters.
+        details: further per-group columns by name (``{"correct": {...}, "ratio": {...}}``), shown in the table.
+        n_samples: samples the scores were computed on (0 where not applicable).
+        n_misclassified: misclassified samples among them, for the gradient score; ``None`` otherwise.
+        message: why the scores are degenerate (e.g. no misclassified sample), ``None`` when they are not.
+
+    Example:
+        >>> s = LayerScores({"conv": 0.5, "fc": 2.0}, method="gradient", n_params={"conv": 10, "fc": 4})
+        >>> s.ranking
+        ['fc', 'conv']
+        >>> print(s)
+        | rank | group | n_params | gradient |
+        |---:|---|---:|---:|
+        | 1 | fc | 4 | 2 |
+        | 2 | conv | 10 | 0.5 |
+    """
+
+    scores: dict[str, float]
+    method: str
+    n_params: dict[str, int] = field(default_factory=dict)
+    details: dict[str, dict[str, float]] = field(default_factory=dict)
+    n_samples: int = 0
+    n_misclassified: int | None = None
+    message: str | None = None
+
+    @property
+    def ranking(self) -> list[str]:
+        """Group names, highest score first; ties keep the model's group order."""
+        order = {name: i for i, name in enumerate(self.scores)}
+        return sorted(self.scores, key=lambda name: (-self.scores[name], order[name]))
+
+    @property
+    def degenerate(self) -> bool:
+        """Whether every score is 0 (nothing to localize), in which case :attr:`message` says why."""
+        return all(value == 0 for value in self.scores.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (non-finite detail values become ``None``)."""
+        return {
+            "method": self.method,
+            "scores": dict(self.scores),
+            "ranking": self.ranking,
+            "n_params": dict(self.n_params),
+            "details": {key: {g: _finite_or_none(v) for g, v in col.items()} for key, col in self.details.items()},
+            "n_samples": self.n_samples,
+            "n_misclassified": self.n_misclassified,
+            "message": self.message,
+        }
+
+    def to_markdown(self) -> str:
+        """The ranking as a markdown table: rank, group, size, score and every detail column."""
+        columns = list(self.details)
+        head = "| rank | group | n_params | " + " | ".join([self.method, *columns]) + " |"
+        rule = "|---:|---|---:|" + "---:|" * (1 + len(columns))
+        lines = [head, rule]
+        for rank, name in enumerate(self.ranking, start=1):
+            cells = [_fmt(self.scores[name])] + [_fmt(self.details[c].get(name)) for c in columns]
+            lines.append(f"| {rank} | {name} | {self.n_params.get(name, '')} | " + " | ".join(cells) + " |")
+        if self.message:
+            lines.append(f"\n{self.message}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4g}"
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None

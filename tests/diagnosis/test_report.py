@@ -1,0 +1,77 @@
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_beta.diagnosis import diagnose, reference_statistics, scan_history
+
+
+@dataclass
+class Record:
+    epoch: int
+    group: str
+    median_zeta: float
+    regime: str
+
+
+def setup_case(seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(256, 8)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    opt = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    data = DataLoader(TensorDataset(x, y), batch_size=64)
+    return net, data
+
+
+def test_diagnose_repairs_a_planted_fault(tmp_path):
+    net, data = setup_case()
+    ref = reference_statistics(net, data)
+    with torch.no_grad():
+        net[2].weight.add_(torch.randn_like(net[2].weight) * 2 * net[2].weight.std())
+    history = [Record(0, "pg0", 1.4, "overdamped"), {"epoch": 1, "group": "pg0", "regime": "critical"}]
+    report = diagnose(
+        net, data, data, history=history, reference=ref, top_k=1, max_epochs=3, lr=0.05, baseline=True,
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    assert report.scores.method == "drift" and report.flagged == ["2"]
+    assert report.surgery.layers == ["2"] and report.baseline.layers == ["0", "2", "4"]
+    assert report.verification.net > 0 and report.verification.accuracy_after > report.verification.accuracy_before
+    assert report.scan == {"n_records": 2, "regimes": {"overdamped": 1, "critical": 1}, "last": history[1]}
+    assert report.compute["steps_fraction"] == 1.0  # same epochs: only wall time and parameters differ
+    assert report.compute["params_fraction"] == pytest.approx(1056 / 1443)
+    data_json = json.loads(report.to_json())
+    assert data_json["flagged"] == ["2"] and data_json["surgery"]["optimizer_steps"] == 12
+    md = report.to_markdown()
+    for heading in ("## Scan", "## Localize (drift)", "## Diagnose", "## Treat and verify", "full retraining"):
+        assert heading in md
+    assert torch.equal(report.model[0].weight, net[0].weight)
+
+
+def test_nothing_to_treat_is_a_clear_result():
+    net = nn.Linear(3, 3)
+    with torch.no_grad():
+        net.weight.copy_(10 * torch.eye(3))
+        net.bias.zero_()
+    data = DataLoader(TensorDataset(torch.eye(3), torch.arange(3)))
+    report = diagnose(net, data, data, localizer="gradient", group_by={"all": [".*"]})
+    assert report.flagged == [] and report.surgery is None and report.model is None
+    assert "nothing treated: no misclassified sample" in report.message
+    assert json.loads(report.to_json())["verification"] is None
+
+
+def test_diagnose_bad_inputs():
+    net, data = setup_case()
+    with pytest.raises(ValueError, match='`localizer` must be "auto", "gradient", "drift" or "kinetic", got \'x\''):
+        diagnose(net, data, data, localizer="x")
+    with pytest.raises(ValueError, match="no BatchNorm running statistics"):
+        diagnose(net, data, data, localizer="drift")
+    with pytest.raises(TypeError, match="records must be dicts or dataclasses, got int"):
+        scan_history([1])

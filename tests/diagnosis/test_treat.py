@@ -1,0 +1,126 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_beta.diagnosis import kinetic_energy_probe, kinetic_energy_scores, surgical_correction
+from lightning_beta.digits import DigitsClassifier, DigitsResNet, load_digits_tensors
+from tests.helpers import StepRecorder, trainer_kwargs
+
+
+@pytest.fixture(scope="module")
+def digits():
+    train, _ = load_digits_tensors(seed=0)
+    x, y = train.tensors[0][:128], train.tensors[1][:128]
+    return DataLoader(TensorDataset(x, y), batch_size=32)
+
+
+def quiet(tmp_path, **kw):
+    kwargs = trainer_kwargs(tmp_path, **kw)
+    kwargs.pop("max_epochs")
+    kwargs.pop("limit_train_batches")
+    return kwargs
+
+
+def test_surgery_changes_only_the_flagged_group(tmp_path, digits):
+    torch.manual_seed(0)
+    net = DigitsResNet(width=4)
+    original = copy.deepcopy(net.state_dict())
+    result = surgical_correction(net, ["layer2"], digits, max_epochs=1, **quiet(tmp_path))
+    after = result.model.state_dict()
+    for key, value in original.items():
+        if key.startswith("layer2."):
+            continue
+        assert torch.equal(after[key], value), key  # frozen parameters and BatchNorm buffers bit-identical
+    assert not torch.equal(after["layer2.conv1.weight"], original["layer2.conv1.weight"])
+    assert not torch.equal(after["layer2.bn1.running_mean"], original["layer2.bn1.running_mean"])
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, original[key])  # the input model is untouched
+    layer2 = sum(p.numel() for p in net.layer2.parameters())
+    assert result.n_params_trained == layer2
+    assert result.fraction_trained == pytest.approx(layer2 / sum(p.numel() for p in net.parameters()))
+    assert result.optimizer_steps == 4 and result.epochs == 1 and result.wall_time_s > 0
+    assert all(p.requires_grad for p in result.model.parameters())
+    assert result.model.training == net.training
+
+
+def test_beta_and_constant_momentum(tmp_path, digits):
+    net = DigitsResNet(width=4)
+    recorder = StepRecorder()
+    surgical_correction(net, ["fc"], digits, lr=0.04, callbacks=[recorder], **quiet(tmp_path))
+    assert recorder.momenta()[0] == pytest.approx(1 - 2 * 0.04**0.5)  # critical damping at the first lr
+    recorder = StepRecorder()
+    surgical_correction(net, ["fc"], digits, momentum=0.5, callbacks=[recorder], **quiet(tmp_path))
+    assert recorder.momenta() == [0.5] * 4
+
+
+def test_parameter_selection_spends_the_same_budget(tmp_path, digits):
+    torch.manual_seed(0)
+    net = DigitsResNet(width=4)
+    result = surgical_correction(net, ["layer1"], digits, selection="parameters", **quiet(tmp_path))
+    budget = sum(p.numel() for p in net.layer1.parameters())
+    assert result.n_params_trained == budget and result.selection == "parameters"
+    before, after = dict(net.named_parameters()), dict(result.model.named_parameters())
+    changed = sum(int((before[n] != after[n]).sum()) for n in before)
+    assert 0 < changed <= budget
+    touched = set(result.groups_touched)
+    for name, module in net.named_modules():
+        if isinstance(module, nn.BatchNorm2d) and name.split(".")[0] not in touched:
+            assert torch.equal(module.running_mean, result.model.get_submodule(name).running_mean), name
+
+
+def test_lightning_module_input(tmp_path, digits):
+    model = DigitsClassifier("mlp")
+    result = surgical_correction(model, ["net.fc3"], digits, **quiet(tmp_path))
+    assert isinstance(result.model, DigitsClassifier)
+    assert torch.equal(result.model.net.fc1.weight, model.net.fc1.weight)
+    assert not torch.equal(result.model.net.fc3.weight, model.net.fc3.weight)
+
+
+def test_surgery_bad_inputs(digits):
+    net = DigitsResNet(width=4)
+    with pytest.raises(ValueError, match=r"unknown group\(s\) \['head'\]; the model's groups are \['conv1', 'bn1'"):
+        surgical_correction(net, ["fc", "head"], digits)
+    with pytest.raises(ValueError, match="`layers` is empty"):
+        surgical_correction(net, [], digits)
+    with pytest.raises(ValueError, match='`selection` must be "layers" or "parameters", got \'weights\''):
+        surgical_correction(net, ["fc"], digits, selection="weights")
+    with pytest.raises(ValueError, match=r'`momentum` must be "beta" or a float in \[0, 1\), got 1.5'):
+        surgical_correction(net, ["fc"], digits, momentum=1.5)
+    with pytest.raises(ValueError, match="`max_epochs` must be an int >= 1, got 0"):
+        surgical_correction(net, ["fc"], digits, max_epochs=0)
+    with pytest.raises(ValueError, match="`lr` must be a finite number > 0"):
+        surgical_correction(net, ["fc"], digits, lr=-1.0)
+
+
+def test_kinetic_energy_golden():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(5, 2)).pow(2).sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    opt.step()  # the first buffer is the gradient
+    scores = kinetic_energy_scores(opt, net)
+    assert scores.scores["0"] == pytest.approx(float(grads[0].pow(2).sum() + grads[1].pow(2).sum()) / 9)
+    assert scores.scores["1"] == pytest.approx(float(grads[2].pow(2).sum() + grads[3].pow(2).sum()) / 4)
+    assert kinetic_energy_scores(opt.state_dict(), net).scores == pytest.approx(scores.scores)
+
+
+def test_kinetic_energy_bad_inputs():
+    net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    with pytest.raises(ValueError, match="holds no momentum buffer"):
+        kinetic_energy_scores(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), net)
+    with pytest.raises(ValueError, match="indexes parameter 9 but the model has 4 parameters"):
+        kinetic_energy_scores({"state": {9: {"momentum_buffer": torch.ones(1)}}, "param_groups": []}, net)
+    with pytest.raises(TypeError, match="must be a torch optimizer or its state_dict"):
+        kinetic_energy_scores(3, net)
+
+
+def test_kinetic_energy_probe_leaves_model_alone(digits):
+    net = DigitsResNet(width=4)
+    state = copy.deepcopy(net.state_dict())
+    scores = kinetic_energy_probe(net, digits, steps=2)
+    assert set(scores.scores) == {"conv1", "bn1", "layer1", "layer2", "layer3", "fc"}
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
