@@ -23,6 +23,10 @@ from lightning_beta.layer_groups import GroupBy, group_parameters
 
 Localizer = Literal["auto", "gradient", "drift", "kinetic"]
 
+#: ``kind`` of the report JSON, read by ``lightning-beta report``.
+KIND = "lightning_beta.diagnosis_report"
+SCHEMA_VERSION = 1
+
 
 def scan_history(history: Sequence[Any]) -> dict[str, Any]:
     """Summarise a damping-regime history: any list of dicts or dataclasses (e.g. ``DampingRegimeMonitor.history``).
@@ -94,8 +98,10 @@ class DiagnosisReport:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """Everything but the models, JSON-ready."""
+        """Everything but the models, JSON-ready, tagged with ``kind`` and ``schema_version``."""
         return {
+            "kind": KIND,
+            "schema_version": SCHEMA_VERSION,
             "scan": self.scan,
             "scores": self.scores.to_dict(),
             "flagged": self.flagged,

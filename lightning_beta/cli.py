@@ -1,0 +1,139 @@
+"""The command line: ``lightning-beta demo`` and ``lightning-beta report`` (also ``python -m lightning_beta``).
+
+Errors a user can make (an unwritable ``--out``, a bad number, a file that is not an artifact) end with one line on
+stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning_beta.__about__ import __version__
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its inputs, reported as one line with exit code 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``lightning-beta``."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-beta",
+        description="Critical-damping momentum, damping regimes and layer diagnosis for PyTorch Lightning.",
+    )
+    parser.add_argument("--version", action="version", version=f"lightning_beta {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,report}")
+
+    demo = commands.add_parser(
+        "demo",
+        help="train on the bundled digits with and without the beta schedule, then diagnose",
+        description="Train a small residual CNN on scikit-learn's digits twice (constant momentum 0.9 and"
+        " BetaMomentumCallback) with the regime monitor and layer attribution, diagnose the beta run, and print"
+        " a comparison table and the tensorboard command to view the logs. No download.",
+    )
+    demo.add_argument("--quick", action="store_true", help="a short run (under 2 minutes on two CPU cores)")
+    demo.add_argument("--epochs", type=_positive_int, default=None, help="epochs per run (default 12; 4 with --quick)")
+    demo.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
+    demo.add_argument("--out", type=Path, default=Path("lightning_beta_runs"), help="output directory")
+    demo.add_argument("--accelerator", default="cpu", help="Lightning accelerator (default cpu)")
+    demo.add_argument("--devices", default="1", help="Lightning devices (default 1)")
+
+    report = commands.add_parser("report", help="render an attribution.json or a diagnosis report as a table")
+    report.add_argument("path", type=Path, help="an attribution.json or a diagnosis report JSON")
+    report.add_argument("--markdown", action="store_true", help="print markdown instead of a terminal table")
+    return parser
+
+
+def _check_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot create the directory ({err.strerror})") from err
+    if not out.is_dir():
+        raise UsageError(f"--out {out}: not a directory")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: the directory is not writable")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    _check_out_dir(args.out)
+    from lightning_beta.demo import DemoConfig, run_demo
+
+    config = DemoConfig(
+        out=args.out,
+        epochs=args.epochs or (4 if args.quick else 12),
+        seed=args.seed,
+        quick=args.quick,
+        accelerator=args.accelerator,
+        devices=args.devices,
+    )
+    result = run_demo(config)
+    print(result.table())
+    print(f"\nView the panels:  tensorboard --logdir {args.out.resolve()}")
+    return 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    path: Path = args.path
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: cannot read it ({err})") from None
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path}: not JSON ({err.msg} at line {err.lineno}), so not an artifact") from None
+    from lightning_beta.report import render_report
+
+    try:
+        print(render_report(data, source=str(path), markdown=args.markdown))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lightning-beta``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            return _run_demo(args)
+        return _run_report(args)
+    except UsageError as err:
+        print(f"lightning-beta {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"lightning-beta {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

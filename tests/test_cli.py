@@ -1,0 +1,78 @@
+"""The command line's user errors end with one line and exit code 2, never a traceback."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lightning_beta.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lightning_beta", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_version_and_help():
+    result = run_cli("--version")
+    assert result.returncode == 0 and "lightning_beta 0.1.0" in result.stdout
+    result = run_cli("demo", "--help")
+    assert result.returncode == 0 and "--quick" in result.stdout and "--out" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["demo", "--epochs", "0"], "argument --epochs: expected a whole number >= 1, got 0"),
+        (["demo", "--epochs", "many"], "argument --epochs: expected a whole number >= 1, got 'many'"),
+        (["demo", "--seed", "-1"], "argument --seed: expected a whole number >= 0, got -1"),
+        (["launch"], "invalid choice: 'launch'"),
+        ([], "the following arguments are required"),
+    ],
+)
+def test_bad_numbers_and_commands(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_out_non_root(tmp_path, capsys):  # pragma: no cover - CI runs as root
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert main(["demo", "--out", str(locked / "runs")]) == 2
+
+
+def test_out_is_a_file(tmp_path, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("x")
+    assert main(["demo", "--quick", "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {target}: cannot create the directory" in err
+
+
+def test_out_under_a_file(tmp_path, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("x")
+    assert main(["demo", "--out", str(target / "runs")]) == 2
+    assert "cannot create the directory (Not a directory)" in capsys.readouterr().err
+
+
+def test_report_errors_are_one_line(tmp_path):
+    missing = run_cli("report", str(tmp_path / "nope.json"))
+    assert missing.returncode == 2 and missing.stderr.strip().endswith("nope.json: no such file")
+    assert "Traceback" not in missing.stderr
+
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json")
+    result = run_cli("report", str(garbage))
+    assert result.returncode == 2 and "not JSON" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"hello": 1}))
+    result = run_cli("report", str(other))
+    assert result.returncode == 2 and "not a lightning_beta artifact" in result.stderr
+    assert "Traceback" not in result.stderr
