@@ -56,6 +56,28 @@ def digits_dataloaders(
     )
 
 
+class DigitsDataModule(pl.LightningDataModule):
+    """The digits as a ``LightningDataModule`` (for ``LightningCLI`` configs).
+
+    Args:
+        batch_size: training batch size. Defaults to ``64``.
+        seed: seed of the split and the shuffling. Defaults to ``0``.
+        val_fraction: share held out for validation. Defaults to ``0.25``.
+    """
+
+    def __init__(self, batch_size: int = 64, seed: int = 0, val_fraction: float = 0.25) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.seed = seed
+        self.val_fraction = val_fraction
+
+    def train_dataloader(self) -> DataLoader:
+        return digits_dataloaders(self.batch_size, self.seed, self.val_fraction)[0]
+
+    def val_dataloader(self) -> DataLoader:
+        return digits_dataloaders(self.batch_size, self.seed, self.val_fraction)[1]
+
+
 class BasicBlock(nn.Module):
     """A ResNet basic block: two 3x3 convolutions with BatchNorm and a projected shortcut when shapes change."""
 

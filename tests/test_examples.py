@@ -56,3 +56,76 @@ def test_04_diagnose_and_repair():
     assert "with the planted fault" in out
     assert "flagged: ['layer2'" in out  # activation drift names the group the fault was planted in
     assert "## Treat and verify" in out
+
+
+@pytest.mark.slow
+def test_05_lightning_cli_yaml(tmp_path):
+    run_example(
+        "05_lightning_cli.py",
+        "fit",
+        "--config",
+        str(EXAMPLES / "05_lightning_cli.yaml"),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.log_every_n_steps",
+        "1",
+        cwd=tmp_path,
+    )
+    run_dir = tmp_path / "lightning_beta_runs" / "05_lightning_cli" / "version_0"
+    assert (run_dir / "attribution.json").is_file()
+    from tests.helpers import read_scalars
+
+    scalars = read_scalars(run_dir)
+    # The YAML's hybrid schedule: physics momentum until it reaches 0.9 from below, then 0.9.
+    momenta = [value for _, value in scalars["beta/momentum"]]
+    assert momenta[0] == pytest.approx(1 - 2 * 0.1**0.5, abs=1e-3) and momenta[-1] == pytest.approx(0.9)
+    assert "damping/zeta" in scalars and "grad_norm/total" in scalars
+
+
+def _write_cifar_batch(path: Path, n: int, seed: int) -> None:
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
+    path.write_bytes(pickle.dumps(batch))
+
+
+@pytest.mark.slow
+def test_06_cifar10_loading_model_and_wiring(tmp_path):
+    import importlib.util
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for i in range(1, 6):
+        _write_cifar_batch(folder / f"data_batch_{i}", 4, i)
+    _write_cifar_batch(folder / "test_batch", 6, 0)
+
+    spec = importlib.util.spec_from_file_location("example06", EXAMPLES / "06_cifar10_resnet18.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    train, test = module.load_cifar10(tmp_path)
+    assert train.tensors[0].shape == (20, 3, 32, 32) and test.tensors[0].shape == (6, 3, 32, 32)
+    # Normalised with the CIFAR-10 channel statistics: pixel 0 maps to -mean/std.
+    assert train.tensors[0].min() >= (-module.MEAN / module.STD).min() - 1e-6
+
+    from lightning_beta.layer_groups import group_parameters
+
+    net = module.ResNet18()
+    assert list(group_parameters(net)) == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
+    assert sum(p.numel() for p in net.parameters()) == 11_173_962  # torchvision's resnet18, 3x3 stem, 10 classes
+
+    with pytest.raises(FileNotFoundError, match="lacks"):
+        module.load_cifar10(tmp_path / "empty")
+
+    out = run_example(
+        "06_cifar10_resnet18.py",
+        "--data", str(tmp_path), "--fast-dev-run", "--batch-size", "4", "--accelerator", "cpu", "--devices", "1",
+        "--out", str(tmp_path / "runs"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "done: tensorboard --logdir" in out
