@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
@@ -121,7 +122,8 @@ class DampingRegimeMonitor(pl.Callback):
             ``curvature`` that is neither a finite positive number nor ``"secant"``, a bad ``group_by`` or a
             ``curvature_decay`` outside ``[0, 1)``.
         TypeError: for arguments of the wrong type.
-        MisconfigurationException: at fit start, when ``log=True`` and the Trainer has no logger.
+        MisconfigurationException: at fit start, when ``log=True`` and the Trainer has no logger, or with
+            ``curvature="secant"`` under a strategy that shards parameters (FSDP, DeepSpeed, ModelParallel).
 
     Attributes:
         history: one :class:`EpochDamping` per finished epoch and param group, in order.
@@ -214,7 +216,18 @@ class DampingRegimeMonitor(pl.Callback):
         self._reset()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Hook the optimizers' steps, build the secant estimators and write the TensorBoard layout."""
+        """Hook the optimizers' steps, build the secant estimators and write the TensorBoard layout.
+
+        Raises:
+            MisconfigurationException: with ``curvature="secant"`` under a strategy that shards parameters.
+        """
+        if self.secant and _is_sharded(trainer.strategy):
+            # Each rank holds a shard of each parameter and gradient: the secant would measure the shard.
+            raise MisconfigurationException(
+                "DampingRegimeMonitor(curvature='secant') does not support the sharded strategy"
+                f" {type(trainer.strategy).__name__}: each rank holds only a shard of each parameter, so the measured"
+                " curvature would be wrong. Use a fixed `curvature` (the default) or DDP."
+            )
         for optimizer in trainer.optimizers:
             self._hook(trainer, unwrap_optimizer(optimizer))
         if self.secant:
@@ -506,6 +519,11 @@ class DampingRegimeMonitor(pl.Callback):
         self._last_step = int(state_dict["last_step"])
         self._reported = set(state_dict["reported"])
         self._secant_state = state_dict["secant"]
+
+
+def _is_sharded(strategy: Any) -> bool:
+    sharded = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+    return isinstance(strategy, sharded) or "fsdp" in type(strategy).__name__.lower()
 
 
 def _suffix(opt_idx: int, n_opts: int, group_idx: int, groups: list[dict[str, Any]]) -> str:

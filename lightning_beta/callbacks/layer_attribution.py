@@ -44,6 +44,9 @@ class _Plan:
     group_of: list[int]
     amp_scaled: bool
     index_cache: dict[tuple[int, ...], Tensor] = field(default_factory=dict)
+    #: How many parameters the optimizer held when the plan was built; a change (``add_param_group`` mid-run, as
+    #: ``BackboneFinetuning`` does) rebuilds the plan.
+    n_optimizer_params: int = -1
 
 
 class LayerAttributionCallback(pl.Callback):
@@ -66,7 +69,9 @@ class LayerAttributionCallback(pl.Callback):
       ``step()`` (``fused=True`` Adam/AdamW/SGD): their group norms are divided by the scaler's scale on the device.
       Steps the scaler skips for overflow show up as non-finite counts.
     - DDP: the gradients seen here are already averaged across ranks, so the norms need no collective; every rank
-      accumulates the same values and rank zero logs and writes. Sharded strategies (FSDP, DeepSpeed,
+      accumulates the same values and rank zero logs and writes. Every rank runs the reference pass on its share of
+      the reference batches and the sums are reduced across ranks, so the statistics are those of the global
+      batches and a collective inside ``training_step`` is matched on every rank. Sharded strategies (FSDP, DeepSpeed,
       ModelParallel) raise ``MisconfigurationException`` at fit start rather than report shard norms.
     - At the end of training (``on_train_end``), rank zero writes ``attribution.json`` atomically (see
       :mod:`lightning_beta.diagnosis.artifact` for the schema); after an exception it writes what exists, marked
@@ -217,10 +222,12 @@ class LayerAttributionCallback(pl.Callback):
                 # A fused optimizer unscales inside step(): the gradients are still multiplied by the scale here.
                 # ``_scale`` is the scaler's device tensor; ``get_scale()`` would copy it to the host.
                 norms = norms / scale.to(norms.dtype)
-            total = combine_norms(norms, self.norm_type).reshape(1)
-            total_bad = bad.any().reshape(1)
+            # The total in the buffer's dtype: float32 group norms above ~1e19 would overflow when squared again.
+            total = combine_norms(norms.to(acc.dtype), self.norm_type).reshape(1)
+            total_bad = (bad.any() | ~torch.isfinite(total)).reshape(1)
             valid = torch.cat([has_grad & ~bad, has_grad.any().reshape(1) & ~total_bad]).to(acc.dtype)
-            values = torch.cat([norms, total]).to(acc.dtype) * valid
+            # ``where``, not ``* valid``: an overflowed (inf) value times 0 would put NaN into the sums.
+            values = torch.where(valid > 0, torch.cat([norms.to(acc.dtype), total]), 0.0)
             nonfinite = torch.cat([bad, total_bad]).to(acc.dtype)
             acc[:_MAX].add_(torch.stack([values, values * values, valid, nonfinite, values, valid, values, valid]))
             torch.maximum(acc[_MAX], values, out=acc[_MAX])
@@ -254,9 +261,13 @@ class LayerAttributionCallback(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Compute the reference statistics and write the artifact and TensorBoard panels (rank zero)."""
         self._finished = True
-        if not trainer.is_global_zero or self._acc is None:
+        if self._acc is None:
             return
+        # Every rank runs the reference pass (its share of each batch; the sums are reduced across ranks): on rank
+        # zero alone, a collective in ``training_step`` would wait forever for the other ranks.
         reference, skipped = self._reference_stats(trainer, pl_module)
+        if not trainer.is_global_zero:
+            return
         self.artifact = self._build_artifact(trainer, complete=True, reference=reference, skipped=skipped)
         self._write(trainer, self.artifact)
         writer = tensorboard_experiment(trainer)
@@ -274,7 +285,18 @@ class LayerAttributionCallback(pl.Callback):
         self._write(trainer, self.artifact)
 
     def _write(self, trainer: pl.Trainer, artifact: AttributionArtifact) -> None:
-        self._artifact_path = save_attribution(artifact, self._directory / self.filename)
+        # Runs at the end of a long fit, or while an exception unwinds: a full or read-only disk must not kill the
+        # fit nor mask the original exception. The data stays in ``self.artifact`` and in the checkpoint.
+        path = self._directory / self.filename
+        self._artifact_path: Path | None = None
+        try:
+            self._artifact_path = save_attribution(artifact, path)
+        except (OSError, ValueError) as err:
+            rank_zero_warn(
+                f"LayerAttributionCallback: could not write the attribution artifact to {str(path)!r} ({err}). The"
+                " fit is not affected: the artifact is kept in memory as `callback.artifact` (write it with"
+                " `lightning_beta.diagnosis.save_attribution`) and the accumulators are in the checkpoint."
+            )
 
     def _build_artifact(
         self, trainer: pl.Trainer, complete: bool, reference: dict[str, ReferenceStats], skipped: list[str]
@@ -357,19 +379,23 @@ class LayerAttributionCallback(pl.Callback):
             for handle in handles:
                 handle.remove()
             pl_module.train(was_training)
+        sums = _sum_over_ranks(trainer, list(modules), sums, pl_module.device)
         reference = {}
         for name in self.groups:
             if name in sums and isinstance(sums[name][0], Tensor):
                 total, total_sq, count = sums[name]
                 mean = total / count
                 var = (total_sq / count - mean * mean).clamp_min(0)
+                if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+                    continue  # a diverged model's outputs: not JSON, not a reference; listed as skipped
                 reference[name] = ReferenceStats(mean.cpu().tolist(), var.cpu().tolist(), int(count))
         return reference, [name for name in self.groups if name not in reference]
 
     def _plan(self, optimizer: Any) -> _Plan:
         inner = unwrap_optimizer(optimizer)
         plan = self._plans.get(id(inner))
-        if plan is None:
+        n_params = sum(len(group["params"]) for group in inner.param_groups)  # host-side count, no device sync
+        if plan is None or plan.n_optimizer_params != n_params:
             pairs = [
                 (p, self._param_group[id(p)])
                 for group in inner.param_groups
@@ -380,7 +406,7 @@ class LayerAttributionCallback(pl.Callback):
             # An optimizer that unscales inside ``step()`` (fused) leaves scaled gradients for this hook; Lightning
             # and Fabric detect it by this attribute.
             scaled = self._scaler is not None and bool(getattr(inner, "_step_supports_amp_scaling", False))
-            plan = _Plan([p for p, _ in pairs], [g for _, g in pairs], scaled)
+            plan = _Plan([p for p, _ in pairs], [g for _, g in pairs], scaled, n_optimizer_params=n_params)
             self._plans[id(inner)] = plan
         return plan
 
@@ -462,6 +488,40 @@ def group_modules(model: nn.Module, groups: dict[str, list[str]]) -> dict[str, n
         if {id(p) for p in module.parameters()} == {id(named[n]) for n in params}:
             found[name] = module
     return found
+
+
+def _sum_over_ranks(
+    trainer: pl.Trainer, names: list[str], sums: dict[str, list[Any]], device: torch.device
+) -> dict[str, list[Any]]:
+    """Add up every rank's ``[sum, sum of squares, count]`` per group, so DDP's statistics cover the global batches.
+
+    Every rank calls it with the same ``names``; two collectives: the channel count of each group (a rank whose hook
+    never fired for a group has none), then all sums packed in one tensor. One process: ``sums`` unchanged.
+    """
+    if trainer.world_size <= 1 or not names:
+        return sums
+
+    def channels(entry: list[Any] | None) -> int:
+        return entry[0].shape[0] if entry is not None and isinstance(entry[0], Tensor) else 0
+
+    counts = torch.tensor([channels(sums.get(name)) for name in names], dtype=torch.long, device=device)
+    widths = trainer.strategy.reduce(counts, reduce_op="max").tolist()
+    parts = []
+    for name, width in zip(names, widths):
+        entry = sums.get(name)
+        if entry is not None and channels(entry) == width > 0:
+            total, total_sq, count = entry
+            n = torch.tensor([float(count)], dtype=torch.float64, device=device)
+            parts.append(torch.cat([total.to(device, torch.float64), total_sq.to(device, torch.float64), n]))
+        else:
+            parts.append(torch.zeros(2 * width + 1, dtype=torch.float64, device=device))
+    packed = trainer.strategy.reduce(torch.cat(parts).to(torch.float64), reduce_op="sum")
+    merged: dict[str, list[Any]] = {}
+    for name, width, part in zip(names, widths, torch.split(packed, [2 * w + 1 for w in widths])):
+        count = round(part[-1].item())
+        if width > 0 and count > 0:
+            merged[name] = [part[:width], part[width : 2 * width], count]
+    return merged
 
 
 def _noop(*args: Any, **kwargs: Any) -> None:

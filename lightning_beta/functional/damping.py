@@ -93,6 +93,8 @@ def damping_ratio(
         if rule == "paper":
             return (1.0 - mu) / (2.0 * root)
         return (1.0 - torch.sqrt(mu)) / root
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"`momentum` must be a float or a Tensor, got {type(momentum).__name__}")
     if math.isnan(momentum) or not (0.0 <= momentum <= 1.0):
         raise ValueError(f"`momentum` must be in [0, 1], got {momentum}")
     check_lr(lr)

@@ -46,7 +46,7 @@ def grouped_norms(
     Returns:
         ``(norms, present, nonfinite)``, each of shape ``(n_groups,)``: the float32 norms (0 where a group is
         absent or non-finite, so they can be summed safely), whether a group had any tensor, and whether any of
-        its tensors had a non-finite norm.
+        its tensors had a non-finite norm or the group's norm overflowed float32.
 
     Example:
         >>> grads = [torch.tensor([3.0, 4.0]), torch.tensor([1.0]), torch.tensor([float("inf")])]
@@ -69,7 +69,8 @@ def grouped_norms(
         powered = safe * safe if norm_type == 2.0 else safe.pow(norm_type)
         sums = torch.zeros(n_groups, device=device).index_add_(0, index, powered)
         norms = sums.sqrt() if norm_type == 2.0 else sums.pow(1.0 / norm_type)
-    nonfinite = bad > 0
+    # A group of finite tensors can still overflow when their powers are summed (L2 beyond ~1.8e19 in float32).
+    nonfinite = (bad > 0) | ~torch.isfinite(norms)
     norms = torch.where(nonfinite, torch.zeros_like(norms), norms)
     return norms, counts > 0, nonfinite
 

@@ -46,7 +46,9 @@ def check_momentum_bounds(min_momentum: float, max_momentum: float) -> None:
 
 
 def check_lr(lr: float) -> None:
-    """Raise ``ValueError`` unless the float learning rate is finite and non-negative."""
+    """Raise ``ValueError`` unless the float lr is finite and non-negative, ``TypeError`` unless it is a number."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"learning rate `lr` must be a float or a Tensor, got {type(lr).__name__}")
     if math.isnan(lr) or math.isinf(lr) or lr < 0:
         raise ValueError(f"learning rate `lr` must be a finite number >= 0, got {lr}")
 
