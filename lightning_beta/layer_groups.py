@@ -169,3 +169,25 @@ def group_sizes(model: nn.Module, groups: Mapping[str, Sequence[str]]) -> dict[s
     """Number of scalar parameters in each group."""
     params = dict(model.named_parameters())
     return {group: sum(params[name].numel() for name in names) for group, names in groups.items()}
+
+
+def group_modules(model: nn.Module, groups: Mapping[str, Sequence[str]]) -> dict[str, nn.Module]:
+    """The submodule of each group whose parameters are exactly the group's, found by the group's name.
+
+    Groups that are not a module (a regex group spanning modules, ``"other"``) are left out.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> sorted(group_modules(net, {"0": ["0.weight", "0.bias"], "x": ["2.weight"]}))
+        ['0']
+    """
+    named = dict(model.named_parameters())
+    found = {}
+    for name, params in groups.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if {id(p) for p in module.parameters()} == {id(named[n]) for n in params}:
+            found[name] = module
+    return found

@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
@@ -24,6 +23,7 @@ from lightning_beta._optim import (
     read_slot,
     unwrap_optimizer,
 )
+from lightning_beta._strategies import is_sharded
 from lightning_beta.functional.curvature import SecantCurvature, check_decay
 from lightning_beta.functional.damping import DampingRegime, check_tolerance, classify_regime, damping_ratio
 from lightning_beta.functional.momentum import check_curvature, check_rule
@@ -160,7 +160,7 @@ class DampingRegimeMonitor(pl.Callback):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be a bool, got {type(flag).__name__}")
         check_group_by(group_by)
-        check_decay(curvature_decay)
+        check_decay(curvature_decay, "curvature_decay")
         self.tolerance = float(tolerance)
         self.rule = rule
         self.secant = curvature == "secant"
@@ -221,7 +221,7 @@ class DampingRegimeMonitor(pl.Callback):
         Raises:
             MisconfigurationException: with ``curvature="secant"`` under a strategy that shards parameters.
         """
-        if self.secant and _is_sharded(trainer.strategy):
+        if self.secant and is_sharded(trainer.strategy):
             # Each rank holds a shard of each parameter and gradient: the secant would measure the shard.
             raise MisconfigurationException(
                 "DampingRegimeMonitor(curvature='secant') does not support the sharded strategy"
@@ -519,11 +519,6 @@ class DampingRegimeMonitor(pl.Callback):
         self._last_step = int(state_dict["last_step"])
         self._reported = set(state_dict["reported"])
         self._secant_state = state_dict["secant"]
-
-
-def _is_sharded(strategy: Any) -> bool:
-    sharded = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
-    return isinstance(strategy, sharded) or "fsdp" in type(strategy).__name__.lower()
 
 
 def _suffix(opt_idx: int, n_opts: int, group_idx: int, groups: list[dict[str, Any]]) -> str:

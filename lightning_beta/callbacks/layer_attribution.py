@@ -11,7 +11,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from lightning_beta._loggers import add_layout_category, is_logging_step, log_scalars, tensorboard_experiment
 from lightning_beta._optim import unwrap_optimizer
+from lightning_beta._strategies import is_sharded
 from lightning_beta.diagnosis.artifact import (
     AttributionArtifact,
     GroupTotals,
@@ -26,14 +27,12 @@ from lightning_beta.diagnosis.artifact import (
     save_attribution,
 )
 from lightning_beta.functional.grad_norms import check_norm_type, combine_norms, grouped_norms
-from lightning_beta.layer_groups import GroupBy, check_group_by, group_parameters, group_sizes
+from lightning_beta.layer_groups import GroupBy, check_group_by, group_modules, group_parameters, group_sizes
 
 _STATE_VERSION = 1
 #: Rows of the accumulator matrix ``(len(_ROWS), n_groups + 1)``; the last column is the whole model.
 _ROWS = ("sum", "sumsq", "count", "nonfinite", "interval_sum", "interval_count", "epoch_sum", "epoch_count", "max")
 _SUM, _SUMSQ, _COUNT, _NONFINITE, _ISUM, _ICOUNT, _ESUM, _ECOUNT, _MAX = range(len(_ROWS))
-#: Strategies that shard parameters: the local gradient is a shard, so its norm is not the layer's norm.
-_SHARDED: tuple[type[Strategy], ...] = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 
 @dataclass
@@ -463,31 +462,11 @@ def check_strategy(strategy: Strategy) -> None:
         >>> from lightning.pytorch.strategies import SingleDeviceStrategy
         >>> check_strategy(SingleDeviceStrategy("cpu"))
     """
-    if isinstance(strategy, _SHARDED) or "fsdp" in type(strategy).__name__.lower():
+    if is_sharded(strategy):
         raise MisconfigurationException(
             f"LayerAttributionCallback does not support the sharded strategy {type(strategy).__name__}: each rank"
             " holds only a shard of each gradient, so its norms would be wrong. Use DDP or a single device."
         )
-
-
-def group_modules(model: nn.Module, groups: dict[str, list[str]]) -> dict[str, nn.Module]:
-    """The submodule of each group whose parameters are exactly the group's, by the group's name.
-
-    Example:
-        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
-        >>> sorted(group_modules(net, {"0": ["0.weight", "0.bias"], "x": ["2.weight"]}))
-        ['0']
-    """
-    named = dict(model.named_parameters())
-    found = {}
-    for name, params in groups.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            continue
-        if {id(p) for p in module.parameters()} == {id(named[n]) for n in params}:
-            found[name] = module
-    return found
 
 
 def _sum_over_ranks(

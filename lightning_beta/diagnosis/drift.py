@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lightning_beta.diagnosis._batches import iter_batches, model_device
 from lightning_beta.diagnosis.artifact import AttributionArtifact, ReferenceStats
 from lightning_beta.diagnosis.scores import LayerScores
-from lightning_beta.layer_groups import GroupBy, group_parameters, group_sizes
+from lightning_beta.layer_groups import GroupBy, group_modules, group_parameters, group_sizes
 
 Reference = AttributionArtifact | Mapping[str, ReferenceStats]
 
@@ -95,20 +95,6 @@ def _first_tensor(value: Any) -> Tensor | None:
     if isinstance(value, (tuple, list)) and value:
         value = value[0]
     return value if isinstance(value, Tensor) and value.is_floating_point() else None
-
-
-def group_modules(model: nn.Module, groups: Mapping[str, list[str]]) -> dict[str, nn.Module]:
-    """The submodule of each group whose parameters are exactly the group's (groups without one are left out)."""
-    named = dict(model.named_parameters())
-    found = {}
-    for name, params in groups.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            continue
-        if {id(p) for p in module.parameters()} == {id(named[n]) for n in params}:
-            found[name] = module
-    return found
 
 
 def reference_statistics(

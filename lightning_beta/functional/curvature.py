@@ -15,12 +15,12 @@ import torch
 from torch import Tensor
 
 
-def check_decay(decay: float) -> None:
-    """Raise unless the EMA ``decay`` is a real number in ``[0, 1)``."""
+def check_decay(decay: float, name: str = "decay") -> None:
+    """Raise unless the EMA ``decay`` is a real number in ``[0, 1)``; messages name the argument ``name``."""
     if isinstance(decay, bool) or not isinstance(decay, (int, float)):
-        raise TypeError(f"`decay` must be a float, got {type(decay).__name__}")
+        raise TypeError(f"`{name}` must be a float, got {type(decay).__name__}")
     if not (0.0 <= decay < 1.0):
-        raise ValueError(f"`decay` must be in [0, 1), got {decay}")
+        raise ValueError(f"`{name}` must be in [0, 1), got {decay}")
 
 
 def group_norms(tensors: Sequence[Tensor], index: Tensor, n_groups: int) -> Tensor:

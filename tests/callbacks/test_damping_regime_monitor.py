@@ -84,7 +84,7 @@ def read_text(log_dir: str, tag: str) -> str:
         ({"layout": 1}, TypeError, "`layout` must be a bool, got int"),
         ({"log": "yes"}, TypeError, "`log` must be a bool, got str"),
         ({"group_by": 0}, ValueError, "`group_by` as a module depth must be >= 1, got 0"),
-        ({"curvature_decay": 1.5}, ValueError, r"`decay` must be in \[0, 1\), got 1.5"),
+        ({"curvature_decay": 1.5}, ValueError, r"`curvature_decay` must be in \[0, 1\), got 1.5"),
     ],
 )
 def test_init_validation(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:

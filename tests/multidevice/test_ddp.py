@@ -255,10 +255,17 @@ def test_fsdp_needs_a_gpu_in_this_lightning() -> None:
 
 
 class FSDPStandInStrategy(SingleDeviceStrategy):
-    """A single-device strategy named like a sharded one, to reach ``on_fit_start`` without a GPU."""
+    """A single-device strategy registered as sharded (``stand_in_is_sharded``), to reach fit start without a GPU."""
 
 
-def test_attribution_refuses_sharded_strategy_at_fit_start(tmp_path: Path) -> None:
+@pytest.fixture
+def stand_in_is_sharded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_beta._strategies as strategies
+
+    monkeypatch.setattr(strategies, "SHARDED_STRATEGIES", (*strategies.SHARDED_STRATEGIES, FSDPStandInStrategy))
+
+
+def test_attribution_refuses_sharded_strategy_at_fit_start(tmp_path: Path, stand_in_is_sharded: None) -> None:
     for strategy in [FSDPStrategy(), ModelParallelStrategy()]:
         with pytest.raises(MisconfigurationException, match=f"sharded strategy {type(strategy).__name__}"):
             check_strategy(strategy)
@@ -275,7 +282,7 @@ def test_attribution_refuses_sharded_strategy_at_fit_start(tmp_path: Path) -> No
     assert recorder.steps == []
 
 
-def test_secant_curvature_refuses_sharded_strategy_at_fit_start(tmp_path: Path) -> None:
+def test_secant_curvature_refuses_sharded_strategy_at_fit_start(tmp_path: Path, stand_in_is_sharded: None) -> None:
     recorder = StepRecorder()
     monitor = DampingRegimeMonitor(curvature="secant", log=False)
     strategy = FSDPStandInStrategy(torch.device("cpu"))

@@ -159,7 +159,7 @@ CASES: list[Case] = [
     Case(M, 'layout="yes"', TypeError, "`layout` must be a bool, got str", lambda t: DampingRegimeMonitor(layout="yes")),  # type: ignore[arg-type]
     Case(M, "log=1", TypeError, "`log` must be a bool, got int", lambda t: DampingRegimeMonitor(log=1)),  # type: ignore[arg-type]
     Case(M, 'group_by="flat"', ValueError, "`group_by` must be \"auto\", an int depth or a dict of regex lists, got 'flat'", lambda t: DampingRegimeMonitor(group_by="flat")),
-    Case(M, "curvature_decay=1.0", ValueError, "`decay` must be in [0, 1), got 1.0", lambda t: DampingRegimeMonitor(curvature_decay=1.0)),
+    Case(M, "curvature_decay=1.0", ValueError, "`curvature_decay` must be in [0, 1), got 1.0", lambda t: DampingRegimeMonitor(curvature_decay=1.0)),
     Case(M, "fit with logger=False", MisconfigurationException, "DampingRegimeMonitor has nowhere to log: the Trainer has no logger (`logger=False`). Pass a logger, or `DampingRegimeMonitor(log=False)` to keep only `history`.", _fit([DampingRegimeMonitor()])),
     Case(M, "load_state_dict of version 0", ValueError, "DampingRegimeMonitor state has version 0; this release reads version 1", lambda t: DampingRegimeMonitor().load_state_dict({"version": 0})),
     # ---- LayerAttributionCallback(...)
