@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -146,3 +147,21 @@ def read_scalars(log_dir: Any) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+
+class SpawnDDP(DDPStrategy):
+    """``ddp_spawn`` on CPU that destroys its process group when the fit ends, in every rank.
+
+    Lightning leaves the gloo process group to an ``atexit`` hook, which spawned ranks never run (they leave
+    through ``os._exit``); a rank that exits with the group alive occasionally aborts with "terminate called without
+    an active exception" after the fit has finished. Destroying the group in ``teardown`` joins its threads first.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(start_method="spawn", **kwargs)
+
+    def teardown(self) -> None:
+        super().teardown()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -17,7 +17,7 @@ from lightning_beta._loggers import is_logging_step
 from lightning_beta.callbacks.layer_attribution import LayerAttributionCallback, check_strategy
 from lightning_beta.diagnosis import load_attribution
 from lightning_beta.layer_groups import group_parameters
-from tests.helpers import TinyModel, make_loader, read_scalars, trainer_kwargs
+from tests.helpers import SpawnDDP, TinyModel, make_loader, read_scalars, trainer_kwargs
 
 
 class GradRecorder(pl.Callback):
@@ -392,7 +392,7 @@ def test_ddp_norms_equal_single_process_full_batch(tmp_path: Any) -> None:
     single = LayerAttributionCallback(reference_batches=0, dirpath=tmp_path / "single")
     pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[single])).fit(TinyModel(_sgd), make_loader(batch_size=8))
     ddp = LayerAttributionCallback(reference_batches=1)  # directory from trainer.log_dir, a collective
-    kwargs = trainer_kwargs(tmp_path / "ddp", strategy="ddp_spawn", devices=2, use_distributed_sampler=False)
+    kwargs = trainer_kwargs(tmp_path / "ddp", strategy=SpawnDDP(), devices=2, use_distributed_sampler=False)
     torch.manual_seed(0)
     pl.Trainer(**kwargs, callbacks=[ddp]).fit(_ShardedDataModel(_sgd))
     a = load_attribution(tmp_path / "single" / "attribution.json")

@@ -22,7 +22,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
@@ -31,7 +31,7 @@ from lightning_beta.callbacks.beta_momentum import BetaMomentumCallback
 from lightning_beta.callbacks.damping_regime_monitor import DampingRegimeMonitor
 from lightning_beta.callbacks.layer_attribution import LayerAttributionCallback, check_strategy
 from lightning_beta.diagnosis import load_attribution
-from tests.helpers import StepRecorder, TinyModel, make_loader, read_scalars, trainer_kwargs
+from tests.helpers import SpawnDDP, StepRecorder, TinyModel, make_loader, read_scalars, trainer_kwargs
 
 GLOBAL_BATCH = 8
 STEPS_PER_EPOCH = 3
@@ -116,7 +116,7 @@ def _fit(
         "use_distributed_sampler": False,
     }
     if ddp:
-        overrides.update(strategy=DDPStrategy(start_method="spawn", timeout=TIMEOUT), devices=2)
+        overrides.update(strategy=SpawnDDP(timeout=TIMEOUT), devices=2)
     overrides.update(kwargs)
     every = [*callbacks, _Dump(root / "records", callbacks), *(extra or [])]
     trainer = pl.Trainer(**trainer_kwargs(root, logger=logger, callbacks=every, **overrides))
