@@ -34,13 +34,24 @@ def machine_lines(command: str) -> list[str]:
     ]
 
 
-def replace_section(title: str, lines: list[str], path: Path = RESULTS) -> None:
-    """Replace (or append) the ``## title`` section of ``RESULTS.md``, keeping every other section."""
+def write_section(body: str, path: Path = RESULTS) -> None:
+    """Replace (or append) the section of ``path`` whose ``## `` heading is ``body``'s first line.
+
+    Every other section is kept as it is.
+    """
+    heading = body.splitlines()[0]
+    if not heading.startswith("## "):
+        raise ValueError(f"a section must start with a '## ' heading, got {heading!r}")
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    body = f"## {title}\n\n" + "\n".join(lines).rstrip() + "\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(heading)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
+    block = body.rstrip("\n") + "\n\n"
     if pattern.search(text):
-        text = pattern.sub(lambda _: body + "\n", text, count=1)
+        text = pattern.sub(lambda _: block, text, count=1)
     else:
-        text = text.rstrip() + "\n\n" + body
-    path.write_text(text.rstrip() + "\n")
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text.rstrip("\n") + "\n")
+
+
+def replace_section(title: str, lines: list[str], path: Path = RESULTS) -> None:
+    """Write ``lines`` as the ``## title`` section of ``RESULTS.md``."""
+    write_section("\n".join([f"## {title}", "", *lines]), path)

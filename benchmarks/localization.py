@@ -39,6 +39,10 @@ from lightning_beta.diagnosis import (
     verify,
 )
 from lightning_beta.digits import build_network, digits_dataloaders
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_section
+
 from lightning_beta.layer_groups import group_parameters
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -239,18 +243,6 @@ def render(hits, n_groups, skipped, surgery_rows, scratch_cost, seeds, args, run
             " (mean over seeds)."
         )
     return "\n".join(lines) + "\n"
-
-
-def write_section(text: str) -> None:
-    """Replace (or add) only the '## Localization' section of RESULTS.md; other sections are left as they are."""
-    current = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
-    start = current.find(HEADING + "\n")
-    if start == -1:
-        updated = current.rstrip("\n") + "\n\n" + text
-    else:
-        end = current.find("\n## ", start + len(HEADING))
-        updated = current[:start] + text + ("" if end == -1 else current[end:])
-    RESULTS.write_text(updated, encoding="utf-8")
 
 
 if __name__ == "__main__":
