@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lightning_beta.__about__ import __version__
@@ -22,24 +22,19 @@ class UsageError(Exception):
     """A mistake in the command line or its inputs, reported as one line with exit code 2."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
+def _whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum``, with a message naming what was expected."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {value}")
+        return value
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
-    return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         " a comparison table and the tensorboard command to view the logs. No download.",
     )
     demo.add_argument("--quick", action="store_true", help="a short run (under 2 minutes on two CPU cores)")
-    demo.add_argument("--epochs", type=_positive_int, default=None, help="epochs per run (default 12; 4 with --quick)")
-    demo.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
+    demo.add_argument("--epochs", type=_whole_number(1), help="epochs per run (default 12; 4 with --quick)")
+    demo.add_argument("--seed", type=_whole_number(0), default=0, help="random seed (default 0)")
     demo.add_argument("--out", type=Path, default=Path("lightning_beta_runs"), help="output directory")
     demo.add_argument("--accelerator", default="cpu", help="Lightning accelerator (default cpu)")
     demo.add_argument("--devices", default="1", help="Lightning devices (default 1)")
