@@ -190,6 +190,55 @@ def held_memory(model_fn: Callable[[], pl.LightningModule], config: str, root: P
     return callback_bytes(callbacks)
 
 
+#: The per-step hooks of each callback: where its cost per optimizer step is spent.
+HOOKS: dict[str, tuple[type[pl.Callback], list[str]]] = {
+    "BetaMomentumCallback": (BetaMomentumCallback, ["on_before_optimizer_step"]),
+    "DampingRegimeMonitor": (DampingRegimeMonitor, ["on_before_optimizer_step", "_after_step"]),
+    "LayerAttributionCallback": (LayerAttributionCallback, ["on_before_optimizer_step"]),
+}
+
+
+def _timed(method: Callable[..., Any], per_step: dict[int, float]) -> Callable[..., Any]:
+    """``method`` with its wall time added to ``per_step[trainer.global_step]`` (its first argument is the trainer)."""
+
+    def timed(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        result = method(trainer, *args, **kwargs)
+        per_step[trainer.global_step] = per_step.get(trainer.global_step, 0.0) + time.perf_counter() - start
+        return result
+
+    return timed
+
+
+def hook_times(model_fn: Callable[[], pl.LightningModule], steps: int, root: Path) -> dict[str, float]:
+    """Median wall time per optimizer step spent in each callback's per-step hooks (microseconds).
+
+    Less noisy than the ratio of two whole fits: it times only the callback's own code, logging steps included.
+    """
+    out = {}
+    for name, (cls, hooks) in HOOKS.items():
+        per_step: dict[int, float] = {}
+        callback = cls(reference_batches=0) if cls is LayerAttributionCallback else cls()
+        for hook in hooks:
+            setattr(callback, hook, _timed(getattr(callback, hook), per_step))
+        trainer = pl.Trainer(
+            max_steps=steps + WARMUP,
+            callbacks=[callback],
+            logger=TensorBoardLogger(root, name="hooks"),
+            log_every_n_steps=50,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            accelerator="cpu",
+        )
+        torch.manual_seed(0)
+        trainer.fit(model_fn(), loader(steps + WARMUP))
+        times = [per_step[k] for k in sorted(per_step)][WARMUP:]
+        out[name] = 1e6 * statistics.median(times)
+    return out
+
+
 def measure(repeats: int, steps: int) -> list[dict[str, Any]]:
     rows = []
     rng = random.Random(0)
@@ -208,6 +257,7 @@ def measure(repeats: int, steps: int) -> list[dict[str, Any]]:
                     ratios[config].append(ms / this["bare"])
                 print(f"  {model_name} repeat {rep + 1}/{repeats}", file=sys.stderr)
             bare = statistics.median(times["bare"])
+            hooks = hook_times(model_fn, steps, root)
             for config in CONFIGS:
                 q = statistics.quantiles(ratios[config], n=4) if len(ratios[config]) > 1 else [ratios[config][0]] * 3
                 rows.append(
@@ -220,6 +270,7 @@ def measure(repeats: int, steps: int) -> list[dict[str, Any]]:
                         "q3": q[2],
                         "bare_ms": bare,
                         "bytes": held_memory(model_fn, config, root),
+                        "hook_us": hooks.get(config),
                     }
                 )
     return rows
@@ -227,13 +278,16 @@ def measure(repeats: int, steps: int) -> list[dict[str, Any]]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | configuration | ms/step (median) | ratio to bare (median) | IQR of ratio | tensors held |",
-        "|---|---|---:|---:|---|---:|",
+        "| model | configuration | ms/step (median) | ratio to bare (median) | IQR of ratio | hook time per step"
+        " | hook time / bare step | tensors held |",
+        "|---|---|---:|---:|---|---:|---:|---:|",
     ]
     for r in rows:
+        hook = "" if r["hook_us"] is None else f"{r['hook_us']:.0f} us"
+        share = "" if r["hook_us"] is None else f"{r['hook_us'] / (10 * r['bare_ms']):.2f}%"
         lines.append(
             f"| {r['model']} | {r['config']} | {r['ms']:.2f} | {r['ratio']:.3f} | [{r['q1']:.3f}, {r['q3']:.3f}]"
-            f" | {r['bytes'] / 1024:.1f} KiB |"
+            f" | {hook} | {share} | {r['bytes'] / 1024:.1f} KiB |"
         )
     return "\n".join(lines)
 
