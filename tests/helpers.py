@@ -149,7 +149,6 @@ def read_scalars(log_dir: Any) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-
 class SpawnDDP(DDPStrategy):
     """``ddp_spawn`` on CPU that destroys its process group when the fit ends, in every rank.
 
