@@ -26,7 +26,7 @@ from lightning_beta.diagnosis.artifact import (
     ReferenceStats,
     save_attribution,
 )
-from lightning_beta.functional.grad_norms import check_norm_type, combine_norms, grouped_norms
+from lightning_beta.functional.grad_norms import ABSENT, add_group_powers_, check_norm_type, step_norms
 from lightning_beta.layer_groups import GroupBy, check_group_by, group_modules, group_parameters, group_sizes
 
 _STATE_VERSION = 1
@@ -42,7 +42,10 @@ class _Plan:
     params: list[nn.Parameter]
     group_of: list[int]
     amp_scaled: bool
-    index_cache: dict[tuple[int, ...], Tensor] = field(default_factory=dict)
+    #: ``present`` (indices into ``params`` with a gradient) -> (group index tensor, row initialiser or ``None``).
+    patterns: dict[tuple[int, ...], tuple[Tensor, Tensor | None]] = field(default_factory=dict)
+    #: The pattern of the common case, every parameter with a dense gradient (built with the plan).
+    full: tuple[Tensor, Tensor | None] | None = None
     #: How many parameters the optimizer held when the plan was built; a change (``add_param_group`` mid-run, as
     #: ``BackboneFinetuning`` does) rebuilds the plan.
     n_optimizer_params: int = -1
@@ -53,12 +56,16 @@ class LayerAttributionCallback(pl.Callback):
 
     At fit start the LightningModule's parameters are split into layer groups with
     :func:`~lightning_beta.layer_groups.group_parameters` and their sizes recorded. Once per optimizer step (in
-    ``on_before_optimizer_step``, so gradient accumulation counts once) the norm of each group's gradients is
-    computed with one ``torch._foreach_norm`` call over all gradients present and a segment sum into groups, and
-    added to preallocated device buffers (sum, sum of squares, max, count, non-finite count). Nothing is copied to
-    the host except on logging steps and at epoch end. Parameters whose ``grad`` is ``None`` (frozen) contribute
-    nothing; a group none of whose parameters has a gradient is not counted for that step. A non-finite group norm is
-    counted apart and never enters the sums.
+    ``on_before_optimizer_step``, so gradient accumulation counts once) the gradients' norms are computed with one
+    ``torch._foreach_norm`` call over all gradients present, and their powers summed into groups with one
+    ``index_add_`` straight into the next row of a preallocated device step buffer: four tensor ops in the common
+    case, the group index cached per pattern of present gradients. The statistics (sum, sum of squares, max, count,
+    non-finite count, interval and epoch sums) are reduced from the buffered rows in one batch on the device when the
+    buffer is full, before a log, at epoch end, in ``state_dict`` and for the artifact; the sums are added in step
+    order, so the values do not depend on when rows were reduced. Nothing is copied to the host except on logging
+    steps and at epoch end. Parameters whose ``grad`` is ``None`` (frozen) contribute nothing; a group none of whose
+    parameters has a gradient is not counted for that step. A non-finite group norm (a non-finite gradient, or a
+    float32 sum that overflows) is counted apart and never enters the sums.
 
     Behaviour worth knowing:
 
@@ -111,6 +118,9 @@ class LayerAttributionCallback(pl.Callback):
         >>> trainer = Trainer(callbacks=[LayerAttributionCallback(group_by=2, reference_batches=0)], logger=False)
     """
 
+    #: Optimizer steps held in the device step buffer before they are reduced into the accumulators.
+    _buffer_rows = 64
+
     def __init__(
         self,
         group_by: GroupBy = "auto",
@@ -146,6 +156,10 @@ class LayerAttributionCallback(pl.Callback):
         self.history_total: list[float | None] = []
         self.artifact: AttributionArtifact | None = None
         self._acc: Tensor | None = None
+        self._buffer: Tensor | None = None
+        self._power_rows: list[Tensor] = []
+        self._scale_rows: list[Tensor] = []
+        self._n_buffered = 0
         self._plans: dict[int, _Plan] = {}
         self._param_group: dict[int, int] = {}
         self._scaler: Any = None
@@ -181,7 +195,15 @@ class LayerAttributionCallback(pl.Callback):
         self._param_group = {id(named[n]): g for g, names in enumerate(self.groups.values()) for n in names}
         device = pl_module.device
         dtype = torch.float32 if device.type == "mps" else torch.float64
-        self._acc = torch.zeros(len(_ROWS), len(self.groups) + 1, device=device, dtype=dtype)
+        n_groups = len(self.groups)
+        self._acc = torch.zeros(len(_ROWS), n_groups + 1, device=device, dtype=dtype)
+        # One row per optimizer step: each group's sum of powers (``ABSENT`` without gradients), then the AMP scale
+        # to divide by. Views of each row are taken once, so writing a step's row issues no indexing op.
+        self._buffer = torch.zeros(self._buffer_rows, n_groups + 1, device=device, dtype=torch.float32)
+        self._buffer[:, n_groups] = 1.0
+        self._power_rows = list(self._buffer[:, :n_groups].unbind(0))
+        self._scale_rows = list(self._buffer[:, n_groups:].unbind(0))
+        self._n_buffered = 0
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
         # Resolved here, on every rank: ``trainer.log_dir`` broadcasts, so rank zero alone must not call it later.
         self._directory = Path(
@@ -189,52 +211,77 @@ class LayerAttributionCallback(pl.Callback):
         )
         # Plans and the index of the all-gradients case are built here, so the per-step hook copies nothing.
         for optimizer in trainer.optimizers:
-            plan = self._plan(optimizer)
-            self._index(plan, tuple(range(len(plan.params))))
+            self._plan(optimizer)
         if self._pending is not None:
             self._apply_state(self._pending)
         add_layout_category(trainer, "Layer attribution", {"Gradient norm per group": ["Multiline", [r"grad_norm/.*"]]})
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        """Add this step's group norms to the device buffers; copy to the host only on a logging step.
+        """Write this step's group sums of powers as one row of the step buffer; copy to the host only to log.
 
         Runs in ``on_before_optimizer_step`` so it fires once per optimizer step under gradient accumulation, after
         the AMP unscale and before gradient clipping.
         """
-        acc = self._acc
-        if acc is None:
+        if self._buffer is None:
             return
         plan = self._plan(optimizer)
-        grads: list[Tensor] = []
-        present: list[int] = []
-        for i, param in enumerate(plan.params):
-            grad = param.grad
-            if grad is not None:
-                grads.append(grad.coalesce().values() if grad.is_sparse else grad)
-                present.append(i)
+        grads: list[Any] = [param.grad for param in plan.params]
+        pattern = plan.full
+        # The common case, every parameter with a dense gradient, is one pass in Python and a cached index.
+        if any(grad is None or grad.is_sparse for grad in grads):
+            present = tuple(i for i, grad in enumerate(grads) if grad is not None)
+            grads = [grads[i].coalesce().values() if grads[i].is_sparse else grads[i] for i in present]
+            pattern = self._pattern(plan, present)
         if grads:
-            n_groups = acc.shape[1] - 1
-            norms, has_grad, bad = grouped_norms(grads, self._index(plan, tuple(present)), n_groups, self.norm_type)
+            assert pattern is not None
+            if self._n_buffered == len(self._power_rows):
+                self._flush()
+            row = self._power_rows[self._n_buffered]
+            index, init = pattern
+            if init is not None:  # some groups have no gradient: marked, the rest start from zero
+                row.copy_(init)
+            add_group_powers_(row, grads, index, self.norm_type)
             scale = getattr(self._scaler, "_scale", None) if plan.amp_scaled else None
             if scale is not None:
                 # A fused optimizer unscales inside step(): the gradients are still multiplied by the scale here.
                 # ``_scale`` is the scaler's device tensor; ``get_scale()`` would copy it to the host.
-                norms = norms / scale.to(norms.dtype)
-            # The total in the buffer's dtype: float32 group norms above ~1e19 would overflow when squared again.
-            total = combine_norms(norms.to(acc.dtype), self.norm_type).reshape(1)
-            total_bad = (bad.any() | ~torch.isfinite(total)).reshape(1)
-            valid = torch.cat([has_grad & ~bad, has_grad.any().reshape(1) & ~total_bad]).to(acc.dtype)
-            # ``where``, not ``* valid``: an overflowed (inf) value times 0 would put NaN into the sums.
-            values = torch.where(valid > 0, torch.cat([norms.to(acc.dtype), total]), 0.0)
-            nonfinite = torch.cat([bad, total_bad]).to(acc.dtype)
-            acc[:_MAX].add_(torch.stack([values, values * values, valid, nonfinite, values, valid, values, valid]))
-            torch.maximum(acc[_MAX], values, out=acc[_MAX])
+                self._scale_rows[self._n_buffered].copy_(scale)
+            self._n_buffered += 1
         if trainer.loggers and is_logging_step(trainer, self.log_every_n_steps):
             self._log_interval(trainer)
 
+    @torch.no_grad()
+    def _flush(self) -> None:
+        """Reduce the buffered rows into the accumulators, on the device, exactly as one step at a time would.
+
+        Called when the buffer is full, before the accumulators are read (logging step, epoch end, artifact,
+        ``state_dict``). The sums are added in step order (``cumsum`` on the CPU, row by row elsewhere), so the
+        float64 totals have the same bits however the steps were batched, and a resumed fit matches a straight one.
+        """
+        n, acc, buffer = self._n_buffered, self._acc, self._buffer
+        if n == 0 or acc is None or buffer is None:
+            return
+        values, valid, bad = step_norms(buffer[:n, :-1], buffer[:n, -1:], self.norm_type, acc.dtype)
+        counts, nonfinite = valid.to(acc.dtype), bad.to(acc.dtype)
+        rows = torch.stack([values, values * values, counts, nonfinite, values, counts, values, counts], 1)
+        if acc.device.type == "cpu":  # cumsum on the CPU adds in order, in float64: the bits of step-by-step adds
+            acc[:_MAX] = torch.cat([acc[None, :_MAX], rows]).cumsum(0)[-1]
+        else:
+            for step in rows.unbind(0):
+                acc[:_MAX].add_(step)
+        torch.maximum(acc[_MAX], values.amax(0), out=acc[_MAX])
+        self._clear_buffer()
+
+    def _clear_buffer(self) -> None:
+        if self._buffer is not None and self._n_buffered:
+            self._buffer[: self._n_buffered, :-1].zero_()
+            self._buffer[: self._n_buffered, -1].fill_(1.0)
+        self._n_buffered = 0
+
     def _log_interval(self, trainer: pl.Trainer) -> None:
         assert self._acc is not None
+        self._flush()
         host = self._acc[_ISUM : _ICOUNT + 1].to("cpu", copy=True)  # the one host copy; copy=True: on CPU it is a view
         self._acc[_ISUM : _ICOUNT + 1].zero_()
         metrics: dict[str, float] = {}
@@ -248,6 +295,7 @@ class LayerAttributionCallback(pl.Callback):
         """Append the epoch's mean norms to the history (one host copy)."""
         if self._acc is None:
             return
+        self._flush()
         host = self._acc[_ESUM : _ECOUNT + 1].to("cpu", copy=True)
         self._acc[_ESUM : _ECOUNT + 1].zero_()
         if not (host[1] > 0).any():
@@ -301,6 +349,7 @@ class LayerAttributionCallback(pl.Callback):
         self, trainer: pl.Trainer, complete: bool, reference: dict[str, ReferenceStats], skipped: list[str]
     ) -> AttributionArtifact:
         assert self._acc is not None
+        self._flush()
         host = self._acc.cpu().tolist()
         stats = []
         for col in range(len(self.groups) + 1):
@@ -406,18 +455,33 @@ class LayerAttributionCallback(pl.Callback):
             # and Fabric detect it by this attribute.
             scaled = self._scaler is not None and bool(getattr(inner, "_step_supports_amp_scaling", False))
             plan = _Plan([p for p, _ in pairs], [g for _, g in pairs], scaled, n_optimizer_params=n_params)
+            plan.full = self._pattern(plan, tuple(range(len(plan.params))))
             self._plans[id(inner)] = plan
         return plan
 
-    def _index(self, plan: _Plan, present: tuple[int, ...]) -> Tensor:
-        index = plan.index_cache.get(present)
-        if index is None:
+    def _pattern(self, plan: _Plan, present: tuple[int, ...]) -> tuple[Tensor, Tensor | None]:
+        """The group index of the parameters ``present`` and the row initialiser marking the groups they miss.
+
+        Built once per pattern (host-to-device copies, no sync); ``None`` for the initialiser when every group is
+        present, as a cleared row is already all zeros.
+        """
+        pattern = plan.patterns.get(present)
+        if pattern is None:
             assert self._acc is not None
-            index = torch.tensor([plan.group_of[i] for i in present], dtype=torch.long, device=self._acc.device)
-            plan.index_cache[present] = index
-        return index
+            device, n_groups = self._acc.device, self._acc.shape[1] - 1
+            groups = [plan.group_of[i] for i in present]
+            missing = sorted(set(range(n_groups)) - set(groups))
+            init = None
+            if missing:
+                init = torch.zeros(n_groups, dtype=torch.float32)
+                init[missing] = ABSENT
+                init = init.to(device)
+            pattern = (torch.tensor(groups, dtype=torch.long, device=device), init)
+            plan.patterns[present] = pattern
+        return pattern
 
     def state_dict(self) -> dict[str, Any]:
+        self._flush()
         return {
             "version": _STATE_VERSION,
             "groups": list(self.groups),
@@ -446,6 +510,7 @@ class LayerAttributionCallback(pl.Callback):
             )
         if state["acc"] is not None:
             self._acc.copy_(state["acc"].to(device=self._acc.device, dtype=self._acc.dtype))
+            self._clear_buffer()  # steps buffered before the restore are replaced by the checkpoint's totals
         self.history_epochs = list(state["history_epochs"])
         self.history = [list(row) for row in state["history"]]
         self.history_total = list(state["history_total"])

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+#: The entry of :func:`add_group_powers_`'s buffer of a group without tensors (sums of powers are >= 0).
+ABSENT = -1.0
+#: Norm types whose root and combination give the same bits on a batch of rows as on each row alone (``pow`` with
+#: another exponent may round differently by position in a vectorised kernel): :func:`step_norms` loops over rows.
+_BATCHABLE = (1.0, 2.0, math.inf)
 
 
 def check_norm_type(norm_type: float) -> None:
@@ -75,15 +81,116 @@ def grouped_norms(
     return norms, counts > 0, nonfinite
 
 
-def combine_norms(norms: Tensor, norm_type: float = 2.0) -> Tensor:
-    """The norm of a concatenation from the norms of its parts (0-d tensor).
+def add_group_powers_(out: Tensor, tensors: Sequence[Tensor], index: Tensor, norm_type: float = 2.0) -> Tensor:
+    """Reduce each tensor's norm into ``out[index[i]]`` in place: the per-step half of a grouped norm.
+
+    With one ``_foreach_norm`` call and one segment reduction, ``out[g]`` gets the sum of the ``norm_type``-th powers
+    of its tensors' norms (for ``inf``: the largest norm, with ``out[g]`` taking part in the max);
+    :func:`root_group_powers` turns these into the group norms. Unlike :func:`grouped_norms` nothing is masked: a
+    non-finite tensor norm, or a sum that overflows ``out``'s dtype, makes the group's entry inf or NaN. Entries no
+    tensor maps to are left as they are, so a negative fill value marks groups without tensors. The norms are cast
+    to ``out``'s dtype (float32 in :class:`~lightning_beta.callbacks.LayerAttributionCallback`) before the powers.
+
+    Args:
+        out: the buffer, on the tensors' device: zeros where a group's tensors are reduced.
+        tensors: the tensors (gradients); must not be empty.
+        index: int64 tensor on the same device, ``index[i]`` is the entry of ``out`` for ``tensors[i]``.
+        norm_type: the norm order, ``> 0`` or ``inf``. Defaults to ``2.0``.
+
+    Returns:
+        ``out``.
+
+    Example:
+        >>> out = torch.tensor([0.0, 0.0, -1.0])
+        >>> add_group_powers_(out, [torch.tensor([3.0, 4.0]), torch.tensor([2.0])], torch.tensor([0, 0]))
+        tensor([29.,  0., -1.])
+    """
+    per_tensor = torch.stack(torch._foreach_norm(list(tensors), norm_type))
+    if per_tensor.dtype != out.dtype:
+        per_tensor = per_tensor.to(out.dtype)
+    if math.isinf(norm_type):
+        return out.scatter_reduce_(0, index, per_tensor, "amax", include_self=True)
+    powered = per_tensor * per_tensor if norm_type == 2.0 else per_tensor.pow(norm_type)
+    return out.index_add_(0, index, powered)
+
+
+def root_group_powers(powers: Tensor, norm_type: float = 2.0) -> Tensor:
+    """The group norms from the output of :func:`add_group_powers_`: the ``1/norm_type``-th root (for ``inf`` as is).
+
+    Example:
+        >>> root_group_powers(torch.tensor([25.0, 0.0]))
+        tensor([5., 0.])
+    """
+    if math.isinf(norm_type):
+        return powers
+    return powers.sqrt() if norm_type == 2.0 else powers.pow(1.0 / norm_type)
+
+
+def combine_norms(norms: Tensor, norm_type: float = 2.0, dim: int | None = None) -> Tensor:
+    """The norm of a concatenation from the norms of its parts: a 0-d tensor, or reduced along ``dim`` if given.
 
     Example:
         >>> combine_norms(torch.tensor([3.0, 4.0])).item()
         5.0
+        >>> combine_norms(torch.tensor([[3.0, 4.0], [1.0, 0.0]]), dim=-1)
+        tensor([5., 1.])
     """
+    if dim is None:
+        if math.isinf(norm_type):
+            return norms.amax()
+        if norm_type == 2.0:
+            return (norms * norms).sum().sqrt()
+        return norms.pow(norm_type).sum().pow(1.0 / norm_type)
     if math.isinf(norm_type):
-        return norms.amax()
+        return norms.amax(dim)
     if norm_type == 2.0:
-        return (norms * norms).sum().sqrt()
-    return norms.pow(norm_type).sum().pow(1.0 / norm_type)
+        return (norms * norms).sum(dim).sqrt()
+    return norms.pow(norm_type).sum(dim).pow(1.0 / norm_type)
+
+
+def step_norms(
+    powers: Tensor, scale: Tensor, norm_type: float = 2.0, dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Group and total norms of a batch of steps, from one row of :func:`add_group_powers_` output per step.
+
+    Each row gives the same values as :func:`grouped_norms` then :func:`combine_norms` on that step alone (same
+    rounding): a group is absent if its entry is :data:`ABSENT`, non-finite if its norm is inf or NaN (a non-finite
+    gradient, or a float32 sum that overflowed); the others are valid and divided by the step's ``scale``. The total
+    is the norm of the valid group norms in ``dtype``; it is non-finite if a group is or if it overflows.
+
+    Args:
+        powers: ``(steps, n_groups)`` sums of powers (for ``inf``: maxima), ``ABSENT`` where a group had no tensor.
+        scale: ``(steps, 1)`` divisor of each step's norms (the AMP scale; 1 elsewhere).
+        norm_type: the norm order, ``> 0`` or ``inf``. Defaults to ``2.0``.
+        dtype: dtype of the values and of the total's computation. Defaults to ``torch.float64``.
+
+    Returns:
+        ``(values, valid, nonfinite)``, each ``(steps, n_groups + 1)`` with the total in the last column: the norms
+        (0 where not valid, so they can be summed), whether each is valid, and whether each is non-finite.
+
+    Example:
+        >>> powers = torch.tensor([[25.0, ABSENT], [float("inf"), 4.0]])
+        >>> values, valid, bad = step_norms(powers, torch.ones(2, 1))
+        >>> values.tolist()
+        [[5.0, 0.0, 5.0], [0.0, 2.0, 0.0]]
+        >>> valid.tolist(), bad.tolist()
+        ([[True, False, True], [False, True, False]], [[False, False, False], [True, False, True]])
+    """
+    absent = powers < 0
+    norms = _by_row(lambda x: root_group_powers(x, norm_type), powers, norm_type)
+    bad = ~absent & ~torch.isfinite(norms)
+    valid = ~absent & ~bad
+    norms = (torch.where(valid, norms, 0.0) / scale).to(dtype)
+    # The total in ``dtype``: float32 group norms above ~1e19 would overflow when squared again.
+    total = _by_row(lambda x: combine_norms(x, norm_type, dim=-1), norms, norm_type)
+    total_bad = bad.any(1) | ~torch.isfinite(total)
+    valid = torch.cat([valid, ((~absent).any(1) & ~total_bad)[:, None]], 1)
+    # ``where``, not ``* valid``: a norm that overflowed when divided by the scale (inf) times 0 would be NaN.
+    values = torch.where(valid, torch.cat([norms, total[:, None]], 1), 0.0)
+    return values, valid, torch.cat([bad, total_bad[:, None]], 1)
+
+
+def _by_row(fn: Callable[[Tensor], Tensor], rows: Tensor, norm_type: float) -> Tensor:
+    if norm_type in _BATCHABLE:
+        return fn(rows)
+    return torch.cat([fn(row) for row in rows.split(1)])

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from lightning_beta.functional import classify_regime, critical_momentum, damping_ratio
 from lightning_beta.functional.damping import DampingRegime
-from lightning_beta.functional.grad_norms import grouped_norms
+from lightning_beta.functional.grad_norms import ABSENT, add_group_powers_, combine_norms, grouped_norms, step_norms
 from lightning_beta.functional.momentum import unclamped_critical_momentum
 
 #: Per test, not a global profile: other modules keep hypothesis defaults.
@@ -155,3 +155,36 @@ def test_grouped_norms_are_finite_and_flag_the_rest(tensors: list[list[float]], 
 def test_grouped_norms_overflow_of_a_sum_is_flagged() -> None:
     norms, _, nonfinite = grouped_norms([torch.tensor([3e19]), torch.tensor([3e19])], torch.tensor([0, 0]), 1)
     assert nonfinite.tolist() == [True] and norms.tolist() == [0.0]
+
+
+@SETTINGS
+@given(
+    st.lists(st.lists(st.lists(finite_or_not, min_size=1, max_size=3), min_size=1, max_size=5), min_size=1, max_size=4),
+    st.integers(1, 3),
+    st.sampled_from([1.0, 2.0, 1.5, math.inf]),
+    st.floats(1e-3, 1e5),
+)
+def test_batched_step_norms_equal_one_step_at_a_time(
+    steps: list[list[list[float]]], n_groups: int, norm_type: float, scale: float
+) -> None:
+    """``add_group_powers_`` per step and one ``step_norms`` over the rows give, bit for bit, what ``grouped_norms``
+    then ``combine_norms`` in float64 give step by step (absent groups, non-finite and overflowing groups included)."""
+    rows = torch.full((len(steps), n_groups), ABSENT)
+    scales = torch.full((len(steps), 1), scale)
+    expected_values, expected_valid, expected_bad = [], [], []
+    for r, tensors in enumerate(steps):
+        grads = [torch.tensor(t, dtype=torch.float32) for t in tensors]
+        index = torch.tensor([(i * 2) % n_groups for i in range(len(grads))])  # n_groups=3 leaves group 1 absent
+        rows[r, index.unique()] = 0.0
+        add_group_powers_(rows[r], grads, index, norm_type)
+        norms, present, bad = grouped_norms(grads, index, n_groups, norm_type)
+        norms = norms / scales[r]
+        total = combine_norms(norms.double(), norm_type).reshape(1)
+        total_bad = (bad.any() | ~torch.isfinite(total)).reshape(1)
+        valid = torch.cat([present & ~bad, present.any().reshape(1) & ~total_bad])
+        expected_values.append(torch.where(valid, torch.cat([norms.double(), total]), 0.0))
+        expected_valid.append(valid)
+        expected_bad.append(torch.cat([bad, total_bad]))
+    values, valid, bad = step_norms(rows, scales, norm_type)
+    assert torch.equal(valid, torch.stack(expected_valid)) and torch.equal(bad, torch.stack(expected_bad))
+    assert torch.equal(values, torch.stack(expected_values))
