@@ -126,13 +126,13 @@ def loader(steps: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=64)
 
 
-def fit_once(model_fn: Callable[[], pl.LightningModule], config: str, steps: int, root: Path) -> float:
+def fit(model_fn: Callable[[], pl.LightningModule], callbacks: list[pl.Callback], steps: int, logger: Any) -> None:
+    """One quiet CPU fit of ``steps`` optimizer steps, no validation, seed 0."""
     torch.manual_seed(0)
-    timer = StepTimer()
     trainer = pl.Trainer(
-        max_steps=steps + WARMUP,
-        callbacks=[*CONFIGS[config](), timer],
-        logger=TensorBoardLogger(root, name=config.replace(" ", "_")),
+        max_steps=steps,
+        callbacks=callbacks,
+        logger=logger,
         log_every_n_steps=50,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -141,7 +141,12 @@ def fit_once(model_fn: Callable[[], pl.LightningModule], config: str, steps: int
         accelerator="cpu",
         devices=1,
     )
-    trainer.fit(model_fn(), loader(steps + WARMUP))
+    trainer.fit(model_fn(), loader(steps))
+
+
+def fit_once(model_fn: Callable[[], pl.LightningModule], config: str, steps: int, root: Path) -> float:
+    timer = StepTimer()
+    fit(model_fn, [*CONFIGS[config](), timer], steps + WARMUP, TensorBoardLogger(root, name=config.replace(" ", "_")))
     return timer.ms_per_step
 
 
@@ -176,17 +181,7 @@ def callback_bytes(callbacks: list[pl.Callback]) -> int:
 
 def held_memory(model_fn: Callable[[], pl.LightningModule], config: str, root: Path) -> int:
     callbacks = CONFIGS[config]()
-    trainer = pl.Trainer(
-        max_steps=3,
-        callbacks=callbacks,
-        logger=TensorBoardLogger(root, name="memory"),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        accelerator="cpu",
-    )
-    trainer.fit(model_fn(), loader(3))
+    fit(model_fn, callbacks, 3, TensorBoardLogger(root, name="memory"))
     return callback_bytes(callbacks)
 
 
@@ -221,19 +216,7 @@ def hook_times(model_fn: Callable[[], pl.LightningModule], steps: int, root: Pat
         callback = cls(reference_batches=0) if cls is LayerAttributionCallback else cls()
         for hook in hooks:
             setattr(callback, hook, _timed(getattr(callback, hook), per_step))
-        trainer = pl.Trainer(
-            max_steps=steps + WARMUP,
-            callbacks=[callback],
-            logger=TensorBoardLogger(root, name="hooks"),
-            log_every_n_steps=50,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            accelerator="cpu",
-        )
-        torch.manual_seed(0)
-        trainer.fit(model_fn(), loader(steps + WARMUP))
+        fit(model_fn, [callback], steps + WARMUP, TensorBoardLogger(root, name="hooks"))
         times = [per_step[k] for k in sorted(per_step)][WARMUP:]
         out[name] = 1e6 * statistics.median(times)
     return out

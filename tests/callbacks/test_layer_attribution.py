@@ -196,8 +196,8 @@ def test_nonfinite_norms_counted_apart(tmp_path: Any) -> None:
     _check_artifact_against(art, rec)  # the recorder drops the non-finite values, like the callback
 
 
-def test_no_host_sync_on_non_logging_steps(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    state = {"armed": False, "guarded_steps": 0}
+def _guard_host_copies(monkeypatch: pytest.MonkeyPatch, state: dict[str, Any]) -> None:
+    """Make every host copy of a tensor raise while ``state["armed"]`` is true."""
 
     def guard(name: str) -> Any:
         original = getattr(torch.Tensor, name)
@@ -211,6 +211,11 @@ def test_no_host_sync_on_non_logging_steps(tmp_path: Any, monkeypatch: pytest.Mo
 
     for name in ["item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy"]:
         monkeypatch.setattr(torch.Tensor, name, guard(name))
+
+
+def test_no_host_sync_on_non_logging_steps(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = {"armed": False, "guarded_steps": 0}
+    _guard_host_copies(monkeypatch, state)
 
     class Arm(pl.Callback):
         def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
@@ -429,28 +434,16 @@ def test_no_cuda_sync_on_non_logging_steps(tmp_path: Any) -> None:
 
 def test_buffer_shorter_than_log_interval_no_host_sync(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # A 3-row step buffer fills (and is reduced on the device) several times per 7-step logging interval.
-    armed = {"on": False}
-
-    def guard(name: str) -> Any:
-        original = getattr(torch.Tensor, name)
-
-        def wrapper(self: Tensor, *args: Any, **kwargs: Any) -> Any:
-            if armed["on"]:
-                raise AssertionError(f"Tensor.{name} called in a non-logging step")
-            return original(self, *args, **kwargs)
-
-        return wrapper
-
-    for name in ["item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy"]:
-        monkeypatch.setattr(torch.Tensor, name, guard(name))
+    armed = {"armed": False}
+    _guard_host_copies(monkeypatch, armed)
 
     class Arm(pl.Callback):
         def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
-            armed["on"] = not is_logging_step(trainer, 7)
+            armed["armed"] = not is_logging_step(trainer, 7)
 
     class Disarm(pl.Callback):
         def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
-            armed["on"] = False
+            armed["armed"] = False
 
     cb, rec = LayerAttributionCallback(log_every_n_steps=7, reference_batches=0), GradRecorder()
     cb._buffer_rows = 3
