@@ -26,7 +26,6 @@ from lightning_beta._optim import (
 )
 from lightning_beta.functional.momentum import (
     check_curvature,
-    check_lr,
     check_momentum_bounds,
     check_rule,
     critical_momentum,
@@ -225,8 +224,7 @@ class BetaMomentumCallback(pl.Callback):
         floor = max(self.min_momentum, SGD_MOMENTUM_FLOOR) if slot == "momentum" else self.min_momentum
         if isinstance(lr, Tensor):
             return critical_momentum(lr, self.curvature, self.rule, floor, self.max_momentum)
-        check_lr(lr)
-        raw = unclamped_critical_momentum(lr, self.curvature, self.rule)
+        raw = unclamped_critical_momentum(lr, self.curvature, self.rule)  # rejects a NaN, inf or negative lr
         if not self._clamp_warned and not (self.min_momentum <= raw <= self.max_momentum):
             self._clamp_warned = True
             bound = "min_momentum" if raw < self.min_momentum else "max_momentum"
@@ -234,7 +232,8 @@ class BetaMomentumCallback(pl.Callback):
                 f"BetaMomentumCallback: the critical momentum {raw:.4g} at lr={lr:.4g} is clamped to"
                 f" `{bound}`={getattr(self, bound)} (warned once)."
             )
-        return critical_momentum(lr, self.curvature, self.rule, floor, self.max_momentum)
+        # The clamp of `critical_momentum`, on the value already computed (its arguments were checked in __init__).
+        return min(max(raw, floor), self.max_momentum)
 
     def _update_crossover(self, groups: list[dict[str, Any]], step: int) -> None:
         values = [
