@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_beta import BetaMomentumCallback
-from lightning_beta.digits import DigitsClassifier, load_digits_tensors
+from lightning_beta.demos.digits import DigitsClassifier, load_digits_tensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import cpu_model, write_section

@@ -38,7 +38,7 @@ from lightning_beta.diagnosis import (
     surgical_correction,
     verify,
 )
-from lightning_beta.digits import build_network, digits_dataloaders
+from lightning_beta.demos.digits import build_network, digits_dataloaders
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section

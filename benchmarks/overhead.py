@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_beta import BetaMomentumCallback, DampingRegimeMonitor, LayerAttributionCallback
-from lightning_beta.digits import DigitsClassifier
+from lightning_beta.demos.digits import DigitsClassifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import machine_lines, replace_section

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_beta.diagnosis import activation_drift, attribute_errors, diagnose, reference_statistics
-from lightning_beta.digits import DigitsClassifier, digits_dataloaders
+from lightning_beta.demos.digits import DigitsClassifier, digits_dataloaders
 
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)

@@ -6,7 +6,7 @@ can be set in the YAML (``trainer.callbacks``) or overridden on the command line
 
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_beta.digits import DigitsClassifier, DigitsDataModule
+from lightning_beta.demos.digits import DigitsClassifier, DigitsDataModule
 
 
 def main() -> None:

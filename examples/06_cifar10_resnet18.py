@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_beta import BetaMomentumCallback, DampingRegimeMonitor, LayerAttributionCallback
-from lightning_beta.digits import BasicBlock
+from lightning_beta.demos.digits import BasicBlock
 
 MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)

@@ -79,7 +79,7 @@ def _check_out_dir(out: Path) -> None:
 
 def _run_demo(args: argparse.Namespace) -> int:
     _check_out_dir(args.out)
-    from lightning_beta.demo import DemoConfig, run_demo
+    from lightning_beta.demos.demo import DemoConfig, run_demo
 
     config = DemoConfig(
         out=args.out,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_beta.diagnosis.artifact import KIND as ATTRIBUTION_KIND
-from lightning_beta.diagnosis.artifact import AttributionArtifact, artifact_from_dict
+from lightning_beta.artifact import KIND as ATTRIBUTION_KIND
+from lightning_beta.artifact import AttributionArtifact, artifact_from_dict
 from lightning_beta.diagnosis.report import KIND as DIAGNOSIS_KIND
 from lightning_beta.diagnosis.report import SCHEMA_VERSION as DIAGNOSIS_SCHEMA
 

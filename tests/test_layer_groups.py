@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_beta.digits import DigitsClassifier, DigitsResNet
+from lightning_beta.demos.digits import DigitsClassifier, DigitsResNet
 from lightning_beta.layer_groups import check_group_by, group_parameters, group_sizes
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from lightning_beta._loggers import add_layout_category, is_logging_step, log_scalars, tensorboard_experiment
 from lightning_beta._optim import unwrap_optimizer
 from lightning_beta._strategies import is_sharded
-from lightning_beta.diagnosis.artifact import (
+from lightning_beta.artifact import (
     AttributionArtifact,
     GroupTotals,
     ReferenceStats,
@@ -80,7 +80,7 @@ class LayerAttributionCallback(pl.Callback):
       batches and a collective inside ``training_step`` is matched on every rank. Sharded strategies (FSDP, DeepSpeed,
       ModelParallel) raise ``MisconfigurationException`` at fit start rather than report shard norms.
     - At the end of training (``on_train_end``), rank zero writes ``attribution.json`` atomically (see
-      :mod:`lightning_beta.diagnosis.artifact` for the schema); after an exception it writes what exists, marked
+      :mod:`lightning_beta.artifact` for the schema); after an exception it writes what exists, marked
       ``complete=false``. Reference statistics: with the final weights, ``training_step`` is run under
       ``torch.no_grad()`` in eval mode (``self.log`` silenced) on the first ``reference_batches`` training batches,
       and a forward hook on each group's module records the per-channel mean and variance of its output (channel =

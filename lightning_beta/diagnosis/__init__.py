@@ -5,7 +5,7 @@ Localize (:func:`attribute_errors`, :func:`activation_drift`, :func:`kinetic_ene
 and all of them at once (:func:`diagnose`).
 """
 
-from lightning_beta.diagnosis.artifact import AttributionArtifact, GroupTotals, ReferenceStats, load_attribution
+from lightning_beta.artifact import AttributionArtifact, GroupTotals, ReferenceStats, load_attribution
 from lightning_beta.diagnosis.drift import activation_drift, channel_drift, reference_statistics
 from lightning_beta.diagnosis.flag import Overlap, flag_layers, jaccard, optimizer_overlap, spearman
 from lightning_beta.diagnosis.kinetic import kinetic_energy_probe, kinetic_energy_scores

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_beta.diagnosis._batches import iter_batches, model_device
-from lightning_beta.diagnosis.artifact import AttributionArtifact, ReferenceStats
+from lightning_beta.artifact import AttributionArtifact, ReferenceStats
 from lightning_beta.diagnosis.scores import LayerScores
 from lightning_beta.layer_groups import GroupBy, group_modules, group_parameters, group_sizes
 

@@ -10,7 +10,7 @@ import torch
 
 from lightning_beta.callbacks.layer_attribution import LayerAttributionCallback
 from lightning_beta.diagnosis import AttributionArtifact, GroupTotals, ReferenceStats, load_attribution
-from lightning_beta.diagnosis.artifact import heatmap_image, save_attribution
+from lightning_beta.artifact import heatmap_image, save_attribution
 from tests.helpers import TinyModel, make_loader, trainer_kwargs
 
 

@@ -15,7 +15,7 @@ from lightning_beta.diagnosis import (
     attribute_errors,
     reference_statistics,
 )
-from lightning_beta.digits import DigitsResNet, load_digits_tensors
+from lightning_beta.demos.digits import DigitsResNet, load_digits_tensors
 
 
 def mlp(seed=0):

@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_beta.diagnosis import kinetic_energy_probe, kinetic_energy_scores, surgical_correction
-from lightning_beta.digits import DigitsClassifier, DigitsResNet, load_digits_tensors
+from lightning_beta.demos.digits import DigitsClassifier, DigitsResNet, load_digits_tensors
 from tests.helpers import StepRecorder, trainer_kwargs
 
 

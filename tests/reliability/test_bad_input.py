@@ -26,7 +26,7 @@ from lightning_beta import BetaMomentumCallback, DampingRegimeMonitor, LayerAttr
 from lightning_beta.callbacks.layer_attribution import check_strategy
 from lightning_beta.cli import main
 from lightning_beta.diagnosis import load_attribution
-from lightning_beta.diagnosis.artifact import AttributionArtifact, GroupTotals, ReferenceStats, save_attribution
+from lightning_beta.artifact import AttributionArtifact, GroupTotals, ReferenceStats, save_attribution
 from lightning_beta.functional import DampingRegime, SecantCurvature, classify_regime, critical_momentum, damping_ratio
 from lightning_beta.layer_groups import group_parameters
 from tests.helpers import TinyModel, make_loader, trainer_kwargs

@@ -18,7 +18,7 @@ from torch import Tensor
 from lightning_beta import BetaMomentumCallback, DampingRegimeMonitor, LayerAttributionCallback, critical_momentum
 from lightning_beta.callbacks.beta_momentum import SGD_MOMENTUM_FLOOR
 from lightning_beta.diagnosis import load_attribution
-from lightning_beta.diagnosis.artifact import save_attribution
+from lightning_beta.artifact import save_attribution
 from tests.helpers import TinyModel
 from tests.reliability.helpers import fit, make_callbacks, of, scalars, sgd_cosine
 
@@ -185,7 +185,7 @@ def test_disk_full_keeps_previous_artifact_and_fit(tmp_path: Path, monkeypatch: 
     def no_space(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("lightning_beta.diagnosis.artifact.os.fsync", no_space)
+    monkeypatch.setattr("lightning_beta.artifact.os.fsync", no_space)
     attribution = LayerAttributionCallback(dirpath=out, reference_batches=1)
     with pytest.warns(UserWarning, match=f"{WRITE_FAILED}.*No space left on device"):
         trainer, _ = fit(tmp_path, sgd_cosine()(), [attribution, BetaMomentumCallback()], max_epochs=2)

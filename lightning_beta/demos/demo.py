@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_beta.callbacks import BetaMomentumCallback, DampingRegimeMonitor, LayerAttributionCallback
 from lightning_beta.diagnosis import DiagnosisReport, diagnose
-from lightning_beta.digits import DigitsClassifier, digits_dataloaders, load_digits_tensors
+from lightning_beta.demos.digits import DigitsClassifier, digits_dataloaders, load_digits_tensors
 
 TARGETS = (0.90, 0.95)
 

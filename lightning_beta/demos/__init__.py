@@ -1,0 +1,1 @@
+"""Bundled-data workloads and the demo (needs the ``demo`` extra: scikit-learn's handwritten digits)."""
