@@ -95,6 +95,23 @@ def is_frozen_lr(lr: float | Tensor) -> bool:
     return lr == 0
 
 
+def effective_lr(group: dict[str, Any]) -> float | Tensor:
+    """The step size of the heavy-ball reading of a param group: ``lr * (1 - dampening)``.
+
+    SGD with ``dampening=d`` updates ``buf = mu*buf + (1 - d)*g``, which is heavy ball at ``lr*(1 - d)``; every other
+    optimizer (and SGD without dampening) has ``dampening == 0``.
+
+    Example:
+        >>> effective_lr({"lr": 0.1, "dampening": 0.5})
+        0.05
+    """
+    lr = group["lr"]
+    dampening = group.get("dampening", 0) or 0
+    if isinstance(dampening, Tensor) or dampening != 0:
+        return lr * (1 - dampening)
+    return lr
+
+
 def as_float(value: float | Tensor) -> float:
     """A Python float of an lr or momentum (a host copy for a Tensor: logging steps only)."""
     return float(value.item()) if isinstance(value, Tensor) else float(value)
