@@ -1,18 +1,22 @@
-"""Secant curvature of the loss per layer group, measured from consecutive optimizer steps (PAPER.md section 2).
+"""Secant curvature of the loss per layer group, measured from consecutive optimizer steps (docs/method.md, section 2).
 
 The paper takes the stiffness ``lambda = 1``. The measured variant estimates it per layer group ``l`` from two
 consecutive steps, ``lambda_hat_l = ||g_t - g_{t-1}||_l / ||theta_t - theta_{t-1}||_l`` (the secant of the
 gradient along the last step), smoothed by an exponential moving average. Everything here is pure torch: the
 norms come from ``torch._foreach_norm`` and one ``index_add_`` per call, the results stay on the device and no
-value is read on the host.
+value is read on the host. :func:`secant_layers` wires the estimators to a model's layer groups and its
+optimizers' param groups, and :func:`layer_zeta` gives the damping ratio of each layer at its measured curvature.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_beta.functional.damping import damping_ratio
 
 
 def check_decay(decay: float, name: str = "decay") -> None:
@@ -100,18 +104,22 @@ def ema_update_(average: Tensor, value: Tensor, decay: float, count: Tensor) -> 
 
 
 class SecantCurvature:
-    """Per-layer-group secant curvature of a set of parameters, with one gradient-sized buffer.
+    """Per-layer-group secant curvature of a set of parameters, read at one point of each optimizer step.
 
-    Call :meth:`before_step` once the gradients of step ``t`` are final and before the optimizer updates the
-    parameters, and :meth:`after_step` right after the update (the gradients are still there). The first call
-    measures ``||g_t - g_{t-1}||`` in a buffer that held ``g_{t-1}`` and then stores ``theta_t`` in it; the second
-    measures ``||theta_{t+1} - theta_t||`` and stores ``g_t``. So the memory cost is one copy of the tracked
-    parameters (in their dtype) plus a few scalars per group, and the work per step is two in-place subtractions,
-    two copies and two ``_foreach_norm`` calls. Nothing is read on the host: :attr:`curvature` is a device tensor.
+    Call :meth:`observe` once per optimizer step, when the gradients are final and before the optimizer updates
+    the parameters (Lightning's ``on_before_optimizer_step``: after the AMP unscale and before clipping). It reads
+    the gradient ``g_t`` and the parameters ``theta_t`` together, measures ``||g_t - g_{t-1}||`` and
+    ``||theta_t - theta_{t-1}||`` against the copies kept from the previous call, folds their ratio into the
+    average and keeps ``g_t`` and ``theta_t``. Reading both at one point makes the gradient and the step of a pair
+    belong to the same two iterates, whatever happens between (clipping, an optimizer that unscales inside its
+    ``step()``). Memory: two copies of the tracked parameters (in their dtype) plus a few scalars per group; per
+    call, two in-place subtractions, two copies and two ``_foreach_norm`` calls. Nothing is read on the host:
+    :attr:`curvature` is a device tensor.
 
-    A group's estimate needs two complete steps; a step where a tracked parameter has no gradient, or an update
-    skipped between the two calls (e.g. by a GradScaler), restarts that group's pairing, and undefined ratios
-    leave the average unchanged.
+    A group's estimate needs two consecutive readings with every gradient present; a step where a tracked
+    parameter has no gradient restarts that group's pairing. A step skipped by a GradScaler (non-finite
+    gradients, parameters unchanged) gives an undefined ratio on both of its pairs, which leaves the average
+    unchanged.
 
     Args:
         groups: group name to its parameters. Every parameter belongs to one group.
@@ -126,10 +134,9 @@ class SecantCurvature:
         >>> est = SecantCurvature({"w": [w]}, decay=0.0)
         >>> for _ in range(3):  # gradient descent on 0.5 * 4 * ||w||^2: the curvature is 4
         ...     w.grad = 4.0 * w.detach()
-        ...     est.before_step()
+        ...     est.observe()
         ...     with torch.no_grad():
         ...         w -= 0.1 * w.grad
-        ...     est.after_step()
         >>> est.curvature
         tensor([4.])
     """
@@ -151,19 +158,19 @@ class SecantCurvature:
         self._index = torch.tensor(members, dtype=torch.long, device=device)
         self._members = members
         n = len(self.names)
-        self._buffer = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
-        self._step_size = torch.zeros(n, dtype=torch.float32, device=device)
+        self._grads = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self._thetas = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
         self.curvature = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
         self.count = torch.zeros(n, dtype=torch.float32, device=device)
-        # Host-side phase per group: what the buffer holds ("grad", "theta" or None). Python state only.
-        self._phase: list[str | None] = [None] * n
+        # Host-side: whether the buffers hold the previous reading of each group. Python state only.
+        self._paired: list[bool] = [False] * n
         # Device index and mask tensors per pattern of complete groups, built once (no host-to-device copy per step).
         self._patterns: dict[tuple[bool, ...], tuple[list[int], Tensor, Tensor]] = {}
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes held by the gradient-sized buffer."""
-        return sum(b.numel() * b.element_size() for b in self._buffer)
+        """Bytes held by the two parameter-sized buffers (previous gradient and previous parameters)."""
+        return sum(b.numel() * b.element_size() for b in (*self._grads, *self._thetas))
 
     def _complete_groups(self) -> list[bool]:
         complete = [True] * len(self.names)
@@ -180,49 +187,45 @@ class SecantCurvature:
             self._patterns[key] = (idx, self._index[idx], torch.tensor(key, dtype=torch.bool, device=device))
         return self._patterns[key]
 
-    def _select(self, ok: list[bool]) -> tuple[list[int], list[Tensor], list[Tensor], list[Tensor]]:
-        idx = self._pattern(ok)[0]
-        return (
-            idx,
-            [self._buffer[i] for i in idx],
-            [self.params[i].detach() for i in idx],
-            [self.params[i].grad.detach() for i in idx],  # type: ignore[union-attr]
-        )
-
     @torch.no_grad()
-    def before_step(self) -> None:
-        """Measure ``||g_t - g_{t-1}||``, fold the secant into the average, and keep ``theta_t``."""
+    def observe(self, scale: Tensor | None = None) -> None:
+        """Read this step's gradients and parameters: measure the secant against the last reading, keep this one.
+
+        Args:
+            scale: a loss scale still multiplied into the gradients (a fused optimizer under fp16 AMP), as a
+                device tensor; the gradients are divided by it on the device. Defaults to ``None`` (unscaled).
+        """
         complete = self._complete_groups()
-        measure = [c and phase == "grad" for c, phase in zip(complete, self._phase)]
+        measure = [c and p for c, p in zip(complete, self._paired)]
+        n = len(self.names)
         if any(measure):
-            _, buf, _, grads = self._select(measure)
-            _, index, mask = self._pattern(measure)
-            torch._foreach_sub_(buf, grads)  # buffer <- g_{t-1} - g_t
-            change = group_norms(buf, index, len(self.names))
+            idx, index, mask = self._pattern(measure)
+            grads_prev = [self._grads[i] for i in idx]
+            thetas_prev = [self._thetas[i] for i in idx]
+            grads = [self.params[i].grad.detach() for i in idx]  # type: ignore[union-attr]
+            params = [self.params[i].detach() for i in idx]
+            if scale is not None:
+                torch._foreach_mul_(grads_prev, scale)  # back to the units of this step's scaled gradients
+            torch._foreach_sub_(grads_prev, grads)  # (scale *) (g_{t-1} - g_t)
+            change = group_norms(grads_prev, index, n)
+            if scale is not None:
+                change = change / scale
+            torch._foreach_sub_(thetas_prev, params)  # theta_{t-1} - theta_t
+            step = group_norms(thetas_prev, index, n)
             nan = torch.full_like(change, float("nan"))
-            lam = torch.where(mask, secant_curvature(change, self._step_size), nan)
+            lam = torch.where(mask, secant_curvature(change, step), nan)
             ema_update_(self.curvature, lam, self.decay, self.count)
-        idx, buf, params, _ = self._select(complete)
+        idx = self._pattern(complete)[0]
         if idx:
-            torch._foreach_copy_(buf, params)
-        self._phase = ["theta" if c else None for c in complete]
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        """Measure ``||theta_{t+1} - theta_t||`` and keep ``g_t`` for the next step."""
-        complete = self._complete_groups()
-        ready = [c and phase == "theta" for c, phase in zip(complete, self._phase)]
-        if any(ready):
-            _, buf, params, grads = self._select(ready)
-            _, index, mask = self._pattern(ready)
-            torch._foreach_sub_(buf, params)  # buffer <- theta_t - theta_{t+1}
-            step = group_norms(buf, index, len(self.names))
-            self._step_size.copy_(torch.where(mask, step, self._step_size))
-            torch._foreach_copy_(buf, grads)
-        self._phase = ["grad" if r else None for r in ready]
+            grads_now = [self._grads[i] for i in idx]
+            torch._foreach_copy_(grads_now, [self.params[i].grad.detach() for i in idx])  # type: ignore[union-attr]
+            if scale is not None:
+                torch._foreach_div_(grads_now, scale)
+            torch._foreach_copy_([self._thetas[i] for i in idx], [self.params[i].detach() for i in idx])
+        self._paired = complete
 
     def state_dict(self) -> dict[str, object]:
-        """The estimate (CPU tensors); the buffer is not saved, so the pairing restarts after a resume."""
+        """The estimate (CPU tensors); the buffers are not saved, so the pairing restarts after a resume."""
         return {"names": list(self.names), "curvature": self.curvature.cpu(), "count": self.count.cpu()}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
@@ -235,3 +238,72 @@ class SecantCurvature:
                 j = names.index(name)
                 self.curvature[i] = curvature[j]
                 self.count[i] = count[j]
+
+
+def secant_layers(
+    layers: Mapping[str, Sequence[str]],
+    named_parameters: Mapping[str, Tensor],
+    param_groups: Sequence[Sequence[Mapping[str, Any]]],
+    decay: float = 0.9,
+) -> dict[int, tuple[SecantCurvature, list[int]]]:
+    """One :class:`SecantCurvature` per optimizer over the layer groups whose trainable parameters it holds.
+
+    A layer group is measured by the first optimizer that holds one of its trainable parameters, and its
+    curvature belongs to the param group holding its first such parameter.
+
+    Args:
+        layers: layer group name to parameter names (see :func:`~lightning_beta.layer_groups.group_parameters`).
+        named_parameters: parameter name to parameter.
+        param_groups: each optimizer's ``param_groups``.
+        decay: EMA weight of the past estimate. Defaults to ``0.9``.
+
+    Returns:
+        Optimizer index to ``(estimator, param group index of each of its layer groups)``; optimizers holding no
+        layer group are left out.
+
+    Example:
+        >>> a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(1))
+        >>> groups = [[{"params": [a]}, {"params": [b]}]]
+        >>> est, owner = secant_layers({"a": ["a"], "b": ["b"]}, {"a": a, "b": b}, groups)[0]
+        >>> est.names, owner
+        (['a', 'b'], [0, 1])
+    """
+    taken: set[str] = set()
+    out: dict[int, tuple[SecantCurvature, list[int]]] = {}
+    for opt_idx, groups in enumerate(param_groups):
+        owner = {id(p): group_idx for group_idx, group in enumerate(groups) for p in group["params"]}
+        chosen: dict[str, list[Tensor]] = {}
+        group_of: list[int] = []
+        for layer, names in layers.items():
+            params = [
+                named_parameters[n]
+                for n in names
+                if named_parameters[n].requires_grad and id(named_parameters[n]) in owner
+            ]
+            if params and layer not in taken:
+                taken.add(layer)
+                chosen[layer] = params
+                group_of.append(owner[id(params[0])])
+        if chosen:
+            out[opt_idx] = (SecantCurvature(chosen, decay), group_of)
+    return out
+
+
+def layer_zeta(
+    momentum: float | Tensor, lr: float | Tensor, curvature: float | Tensor, rule: str = "paper"
+) -> float | Tensor:
+    """The damping ratio of a layer at its measured curvature: ``zeta`` at step size ``lr * curvature``.
+
+    Args:
+        momentum: the param group's momentum.
+        lr: the param group's heavy-ball step size (``lr * (1 - dampening)``).
+        curvature: the layer's measured curvature, positive.
+        rule: ``"paper"`` or ``"exact"``. Defaults to ``"paper"``.
+
+    Example:
+        >>> round(layer_zeta(0.9, 0.01, 4.0), 6)
+        0.25
+    """
+    if isinstance(curvature, Tensor) and not isinstance(lr, Tensor):
+        lr = torch.as_tensor(lr, dtype=curvature.dtype, device=curvature.device)
+    return damping_ratio(momentum, lr * curvature, 1.0, rule)

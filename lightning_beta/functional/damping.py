@@ -1,4 +1,4 @@
-"""Damping ratio of momentum SGD and its regimes (PAPER.md sections 1 and 2)."""
+"""Damping ratio of momentum SGD and its regimes (docs/method.md, sections 1 and 2)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import re
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from lightning_beta.callbacks.beta_momentum import BetaMomentumCallback
 from lightning_beta.callbacks.damping_regime_monitor import DampingRegimeMonitor, EpochDamping
 from lightning_beta.functional.damping import classify_regime
+from lightning_beta.functional.epoch_damping import StepValues
 from tests.helpers import StepRecorder, TinyModel, make_loader, read_scalars, trainer_kwargs
 
 TOL = 0.1
@@ -168,12 +170,69 @@ def test_rule_and_fixed_curvature(tmp_path: Path, kwargs: dict[str, Any], moment
     assert monitor.history[0].median_zeta == pytest.approx(expected, rel=1e-9)
 
 
-def test_logs_every_n_steps_but_summarises_all_steps(tmp_path: Path) -> None:
+def user_steps(log_dir: str) -> list[int]:
+    """The steps at which the user's own ``self.log("train_loss")`` was written."""
+    return [s for s, _ in read_scalars(log_dir)["train_loss"]]
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_logs_on_lightnings_steps_but_summarises_all_steps(tmp_path: Path, every: int) -> None:
     monitor = DampingRegimeMonitor()
-    trainer = fit(tmp_path, [monitor], limit_train_batches=8, log_every_n_steps=3)
-    scalars = read_scalars(trainer.logger.log_dir)  # type: ignore[union-attr]
-    assert [s for s, _ in scalars["damping/zeta"]] == [0, 2, 5]
+    trainer = fit(tmp_path, [monitor], limit_train_batches=8, log_every_n_steps=every)
+    log_dir = trainer.logger.log_dir  # type: ignore[union-attr]
+    scalars = read_scalars(log_dir)
+    assert [s for s, _ in scalars["damping/zeta"]] == user_steps(log_dir)
+    assert len(scalars["damping/zeta"]) == 8 // every
     assert monitor.history[0].n_steps == 8
+
+
+def test_log_every_n_steps_zero_logs_no_step_metric(tmp_path: Path) -> None:
+    monitor = DampingRegimeMonitor()
+    trainer = fit(tmp_path, [monitor], log_every_n_steps=0)
+    scalars = read_scalars(trainer.logger.log_dir)  # type: ignore[union-attr]
+    assert "damping/zeta" not in scalars and "train_loss" not in scalars
+    assert scalars["damping/epoch_zeta"][0][1] == pytest.approx(monitor.history[0].median_zeta, rel=1e-6)
+
+
+def test_epoch_metrics_reach_callback_metrics_and_early_stopping(tmp_path: Path) -> None:
+    monitor = DampingRegimeMonitor()
+    # Constant lr and momentum: the epoch zeta never improves, so EarlyStopping stops after `patience` epochs.
+    stopper = EarlyStopping(monitor="damping/epoch_zeta", mode="min", patience=1, min_delta=1e-3)
+    trainer = fit(tmp_path, [monitor, stopper], model=TinyModel(sgd(lr=0.01)), max_epochs=10)
+    assert trainer.callback_metrics["damping/epoch_zeta"].item() == pytest.approx(0.5, rel=1e-6)
+    assert trainer.current_epoch == 2 and stopper.stopped_epoch == 1
+    assert [r.epoch for r in monitor.history] == [0, 1]
+
+
+def test_one_csv_row_per_step(tmp_path: Path) -> None:
+    trainer = fit(tmp_path, [DampingRegimeMonitor()], logger=CSVLogger(tmp_path), max_epochs=2)
+    rows = list(csv.DictReader((Path(trainer.logger.log_dir) / "metrics.csv").open()))  # type: ignore[union-attr]
+    steps = [int(r["step"]) for r in rows if r["damping/zeta"]]
+    assert steps == sorted(set(steps)) and len(steps) == 8
+    for row in rows:
+        if row["damping/zeta"]:
+            assert row["train_loss"], "the monitor's step metrics share the row of the user's own self.log"
+    assert sum(bool(r["damping/epoch_zeta"]) for r in rows) == 2
+
+
+def test_dampening_and_nesterov_golden(tmp_path: Path) -> None:
+    def damped(m: LightningModule) -> torch.optim.Optimizer:
+        return torch.optim.SGD(m.parameters(), lr=0.04, momentum=0.9, dampening=0.5)
+
+    monitor = DampingRegimeMonitor(log=False)
+    fit(tmp_path, [monitor], model=TinyModel(damped), logger=False)
+    # Heavy ball at lr*(1 - dampening) = 0.02: zeta = (1 - 0.9) / (2*sqrt(0.02)) = 0.35355...
+    assert monitor.history[0].median_zeta == pytest.approx(0.1 / (2 * math.sqrt(0.02)), rel=1e-9)
+    assert monitor.history[0].median_zeta == pytest.approx(0.353553390593, rel=1e-9)
+
+    def nesterov(m: LightningModule) -> torch.optim.Optimizer:
+        return torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+
+    monitor = DampingRegimeMonitor(log=False)
+    with pytest.warns(UserWarning, match="uses `nesterov=True`; its damping ratio assumes heavy-ball") as record:
+        fit(tmp_path, [monitor], model=TinyModel(nesterov), logger=False)
+    assert sum("nesterov" in str(w.message) for w in record) == 1
+    assert monitor.history[0].median_zeta == pytest.approx(0.5, rel=1e-9)
 
 
 def test_logging_interval_epoch(tmp_path: Path) -> None:
@@ -280,14 +339,45 @@ def test_other_logger_skips_layout(tmp_path: Path, caplog: pytest.LogCaptureFixt
 def test_state_dict_round_trip_and_version() -> None:
     monitor = DampingRegimeMonitor()
     monitor.history = [EpochDamping(0, "pg0", 0.5, "underdamped", {"underdamped": 1.0}, 3)]
-    monitor._epoch, monitor._zetas, monitor._last_step = 1, {"": [0.5, torch.tensor(0.7)]}, 5
+    values = StepValues()
+    values.append(0.5)
+    values.append(torch.tensor(0.7))
+    monitor._epoch, monitor._zetas, monitor._last_step = 1, {"": values}, 5
     state = monitor.state_dict()
     assert state["zetas"] == {"": [0.5, pytest.approx(0.7)]}
     other = DampingRegimeMonitor()
     other.load_state_dict(state)
     assert other.history == monitor.history and other._epoch == 1 and other._last_step == 5
+    assert other._zetas[""].to_list() == [0.5, pytest.approx(0.7)]
     with pytest.raises(ValueError, match="DampingRegimeMonitor state has version 0; this release reads version 1"):
         other.load_state_dict({**state, "version": 0})
+
+
+def test_previous_release_state_resumes() -> None:
+    """A version-1 state as the previous release wrote it (zetas as floats, secant estimate as CPU tensors)."""
+    state = {
+        "version": 1,
+        "history": [
+            {
+                "epoch": 0,
+                "group": "pg0",
+                "median_zeta": 0.5,
+                "regime": "underdamped",
+                "fractions": {"underdamped": 1.0, "critical": 0.0, "overdamped": 0.0},
+                "n_steps": 4,
+            }
+        ],
+        "epoch": 1,
+        "zetas": {"": [0.6, 0.7]},
+        "labels": {"": "pg0"},
+        "last_step": 5,
+        "reported": [],
+        "secant": {"names": ["a", "b"], "curvature": torch.tensor([2.0, 6.0]), "count": torch.tensor([3.0, 3.0])},
+    }
+    monitor = DampingRegimeMonitor(curvature="secant")
+    monitor.load_state_dict(state)
+    assert monitor.history[0].median_zeta == 0.5 and monitor._zetas[""].to_list() == [0.6, 0.7]
+    assert monitor._secant_state is state["secant"]
 
 
 def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path: Path) -> None:
