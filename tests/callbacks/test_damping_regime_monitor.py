@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
@@ -473,3 +474,41 @@ def test_secant_resume_keeps_estimate(tmp_path: Path) -> None:
     assert dict(scalars["damping/curvature/a"])[4] == pytest.approx(saved["secant"]["curvature"][0].item())
     assert scalars["damping/curvature/b"][-1][1] == pytest.approx(6.0, rel=0.1)
     assert [r.epoch for r in resumed.history] == [0, 1]
+
+
+class ExactQuadratic(Quadratic):
+    """The quadratic without the batch term: the secant is exact whatever the optimizer and the clipping do."""
+
+    def __init__(self, optimizer: Any = None, blow_up_at: int | None = None) -> None:
+        super().__init__()
+        self.optimizer_fn = optimizer or (lambda params: torch.optim.SGD(params, lr=0.02, momentum=0.9))
+        self.blow_up_at = blow_up_at
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = sum(0.5 * lam * getattr(self, n).weight.square().sum() for n, lam in self.curvatures.items())
+        if batch_idx == self.blow_up_at:
+            loss = loss * float("inf")  # non-finite gradients: the GradScaler skips this step
+        return loss  # type: ignore[return-value]
+
+    def configure_optimizers(self) -> Any:
+        return self.optimizer_fn(self.parameters())
+
+
+def test_secant_reads_raw_gradients_before_clipping(tmp_path: Path) -> None:
+    # Clipping to 0.01 shrinks the gradients by ~100x; g and theta read at one point, before clipping, still give
+    # the curvature (reading g(t) after clipping and g(t+1) before gave ~1.5e4 for a curvature of 4).
+    monitor = DampingRegimeMonitor(curvature="secant", curvature_decay=0.5, log=False)
+    fit(tmp_path, [monitor], model=ExactQuadratic(), logger=False, limit_train_batches=8, gradient_clip_val=0.01)
+    assert monitor.layer_curvature() == pytest.approx(Quadratic.curvatures, rel=0.05)
+
+
+def test_secant_under_fp16_with_a_fused_optimizer(tmp_path: Path) -> None:
+    # A fused optimizer unscales inside `step()` (Lightning skips `unscale_`): the hook sees gradients times 1024.
+    # Batch 5 overflows: the scaler skips the step (theta unchanged, inf gradients) and halves the scale.
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler)
+    model = ExactQuadratic(lambda params: torch.optim.Adam(params, lr=0.05, fused=True), blow_up_at=5)
+    monitor = DampingRegimeMonitor(curvature="secant", curvature_decay=0.5, log=False)
+    fit(tmp_path, [monitor], model=model, logger=False, limit_train_batches=8, plugins=[plugin])
+    assert scaler.get_scale() == 512.0, "the overflow step was skipped"
+    assert monitor.layer_curvature() == pytest.approx(Quadratic.curvatures, rel=0.05)

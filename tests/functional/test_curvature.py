@@ -68,9 +68,8 @@ def _heavy_ball(est: SecantCurvature, params: list[torch.nn.Parameter], grad_fn,
         opt.zero_grad()
         for p, g in zip(params, grad_fn()):
             p.grad = g
-        est.before_step()
+        est.observe()
         opt.step()
-        est.after_step()
 
 
 def test_estimator_exact_on_quadratic_per_group() -> None:
@@ -78,7 +77,7 @@ def test_estimator_exact_on_quadratic_per_group() -> None:
     a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(2, 3))
     lam = {"a": 2.0, "b": 9.0}
     est = SecantCurvature({"a": [a], "b": [b]}, decay=0.5)
-    assert est.memory_bytes == (5 + 6) * 4
+    assert est.memory_bytes == 2 * (5 + 6) * 4  # previous gradient and previous parameters
     _heavy_ball(est, [a, b], lambda: [lam["a"] * a.detach(), lam["b"] * b.detach()], steps=6, lr=0.02)
     assert est.curvature.tolist() == pytest.approx([2.0, 9.0], rel=1e-4)
     assert est.count.tolist() == [5.0, 5.0]
@@ -98,12 +97,11 @@ def test_estimator_restarts_pairing_when_a_grad_is_missing() -> None:
     for step in range(4):
         a.grad = 3.0 * a.detach()
         b.grad = None if step == 2 else 5.0 * b.detach()
-        est.before_step()
+        est.observe()
         with torch.no_grad():
             a -= 0.1 * a.grad
             if b.grad is not None:
                 b -= 0.1 * b.grad
-        est.after_step()
     # a: estimates at steps 1, 2, 3; b: step 1 only (step 2 had no gradient, step 3 has no previous pair).
     assert est.count.tolist() == [3.0, 1.0]
     assert est.curvature.tolist() == pytest.approx([3.0, 5.0])
@@ -114,13 +112,42 @@ def test_estimator_skipped_update_keeps_estimate() -> None:
     est = SecantCurvature({"w": [w]}, decay=0.0)
     for step in range(5):
         w.grad = 2.0 * w.detach()
-        est.before_step()
-        if step != 2:  # an update skipped between the two calls (e.g. by a GradScaler)
+        est.observe()
+        if step != 2:  # an update skipped (e.g. by a GradScaler): the next pair has no step
             with torch.no_grad():
                 w -= 0.1 * w.grad
-        est.after_step()
     assert est.curvature.item() == pytest.approx(2.0)
+    assert est.count.item() == 3.0  # pairs (0, 1), (1, 2), (3, 4); (2, 3) has no step
+
+
+def test_estimator_skipped_inf_step_does_not_poison_the_average() -> None:
+    w = torch.nn.Parameter(torch.ones(3))
+    est = SecantCurvature({"w": [w]}, decay=0.5)
+    for step in range(6):
+        if step == 2:  # a GradScaler overflow: non-finite gradient, update skipped
+            w.grad = torch.full((3,), float("inf"))
+            est.observe()
+            continue
+        w.grad = 5.0 * w.detach()
+        est.observe()
+        with torch.no_grad():
+            w -= 0.1 * w.grad
     assert torch.isfinite(est.curvature).all()
+    assert est.curvature.item() == pytest.approx(5.0)
+    assert est.count.item() == 3.0  # pairs (0, 1), (3, 4), (4, 5)
+
+
+def test_estimator_divides_out_a_pending_scale() -> None:
+    """Gradients still multiplied by a loss scale that changes between steps (fused optimizer under fp16 AMP)."""
+    w = torch.nn.Parameter(torch.ones(4))
+    est = SecantCurvature({"w": [w]}, decay=0.0)
+    for step in range(4):
+        scale = torch.tensor(2.0 ** (10 - step))
+        w.grad = scale * 3.0 * w.detach()
+        est.observe(scale)
+        with torch.no_grad():
+            w -= 0.1 * w.grad / scale
+    assert est.curvature.item() == pytest.approx(3.0, rel=1e-6)
 
 
 def test_estimator_state_round_trip() -> None:
