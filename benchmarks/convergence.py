@@ -1,6 +1,6 @@
 """Convergence study: does the beta (critical-damping) momentum schedule reach a target accuracy sooner?
 
-Tests the first two claims of PAPER.md section 5 with the package itself: ``DigitsClassifier`` on scikit-learn's
+Tests the first two claims of docs/method.md, section 5, with the package itself: ``DigitsClassifier`` on scikit-learn's
 digits (residual CNN and MLP), ``BetaMomentumCallback`` for the scheduled methods, several seeds, and a peak-lr
 sweep so that the comparison also holds against a retuned baseline.
 
@@ -407,7 +407,7 @@ def fastest_to(runs: list[Run], arch: str, lrs: dict[str, float], target: float)
 
 
 def verdict(runs: list[Run], args: argparse.Namespace) -> list[str]:
-    """Generated statements on the two convergence claims of PAPER.md section 5."""
+    """Generated statements on the two convergence claims of docs/method.md, section 5."""
     lines = []
     for arch in args.archs:
         base = select(runs, arch, "constant 0.9", args.lr)
