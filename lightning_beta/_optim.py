@@ -88,6 +88,8 @@ def register_momentum(optimizer_cls: type, slot: MomentumSlot) -> None:
 def unwrap_optimizer(optimizer: Any) -> Any:
     """Follow ``.optimizer``, Lightning's ``._optimizer`` and ``.base_optimizer`` (timm's Lookahead, SAM) inward.
 
+    ``._base_optimizer`` (newer timm Lookahead) is followed too.
+
     Example:
         >>> import torch
         >>> inner = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
@@ -102,7 +104,7 @@ def unwrap_optimizer(optimizer: Any) -> Any:
         if isinstance(optimizer, Optimizer) and _registered_slot(type(optimizer)) is not None:
             break  # a registered class is the one whose groups are written, even if it wraps another
         inner = None
-        for name in ("optimizer", "_optimizer", "base_optimizer"):
+        for name in ("optimizer", "_optimizer", "base_optimizer", "_base_optimizer"):
             candidate = getattr(optimizer, name, None)
             if candidate is not None and candidate is not optimizer:
                 inner = candidate

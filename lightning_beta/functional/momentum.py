@@ -1,4 +1,4 @@
-"""Momentum from critical damping of the heavy-ball oscillator (PAPER.md section 1).
+"""Momentum from critical damping of the heavy-ball oscillator (docs/method.md, section 1).
 
 Heavy-ball SGD, ``v <- mu*v + g; theta <- theta - lr*v``, discretises ``x'' + gamma x' + lambda x = 0`` with time
 step ``sqrt(lr)``. Critical damping of that oscillator gives the momentum computed here.
@@ -136,3 +136,36 @@ def critical_momentum(
     if isinstance(raw, Tensor):
         return torch.clamp(raw, min=min_momentum, max=max_momentum)
     return min(max(raw, min_momentum), max_momentum)
+
+
+@overload
+def crossover_update(armed: bool, switched: bool, reached: bool) -> tuple[bool, bool]: ...
+@overload
+def crossover_update(armed: Tensor, switched: Tensor, reached: Tensor) -> tuple[Tensor, Tensor]: ...
+def crossover_update(
+    armed: bool | Tensor, switched: bool | Tensor, reached: bool | Tensor
+) -> tuple[bool | Tensor, bool | Tensor]:
+    """One step of the crossover switch of the hybrid schedule: ``(armed, switched)`` after this step.
+
+    The switch arms on a step where the physics momentum is below the constant (``reached`` false) and fires on the
+    first later step where it has reached it, so a warmup that *starts* above the constant does not fire it. Booleans
+    give booleans; boolean Tensors give Tensors on the same device, with no host read (a compiled or CUDA-graph
+    friendly update).
+
+    Args:
+        armed: whether a step below the constant has been seen.
+        switched: whether the switch has fired.
+        reached: whether the physics momentum of every active param group reaches the constant at this step.
+
+    Example:
+        >>> crossover_update(False, False, True)  # starts above: not armed, not switched
+        (False, False)
+        >>> crossover_update(True, False, True)
+        (True, True)
+        >>> crossover_update(torch.tensor(True), torch.tensor(False), torch.tensor(True))
+        (tensor(True), tensor(True))
+    """
+    if isinstance(armed, Tensor) or isinstance(switched, Tensor) or isinstance(reached, Tensor):
+        armed_t, switched_t, reached_t = (torch.as_tensor(v) for v in (armed, switched, reached))
+        return armed_t | ~reached_t, switched_t | (armed_t & reached_t)
+    return armed or not reached, switched or (armed and reached)

@@ -155,8 +155,8 @@ def test_logged_values_are_the_written_ones(tmp_path):
     )
     scalars = read_scalars(logger.log_dir)
     logged = dict(scalars["beta/momentum"])
-    # first step, then every second step: (step + 1) % 2 == 0
-    assert sorted(logged) == [0, 1, 3, 5, 7]
+    # Lightning's own schedule, as for `self.log`: (step + 1) % 2 == 0, no special first step
+    assert sorted(logged) == [1, 3, 5, 7]
     used = rec.momenta()
     for step, value in logged.items():
         assert value == pytest.approx(used[step], abs=1e-6)
