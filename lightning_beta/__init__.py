@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from lightning_beta.__about__ import __version__
+from lightning_beta._optim import register_momentum
 from lightning_beta.functional import DampingRegime, classify_regime, critical_momentum, damping_ratio
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ __all__ = [
     "classify_regime",
     "critical_momentum",
     "damping_ratio",
+    "register_momentum",
 ]
 
 
