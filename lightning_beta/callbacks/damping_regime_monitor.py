@@ -17,6 +17,7 @@ from lightning_beta._gradients import grad_scaler, pending_scale
 from lightning_beta._logging import is_logging_step, log_epoch, log_step
 from lightning_beta._optim import (
     effective_lr,
+    fit_group_counts,
     group_key,
     is_frozen_lr,
     optimizer_index,
@@ -181,6 +182,8 @@ class DampingRegimeMonitor(pl.Callback):
         self._hooked: set[int] = set()
         self._secant: dict[int, tuple[SecantCurvature, list[int]]] = {}
         self._secant_state: dict[str, Any] | None = None
+        # Param group counts at fit start, so that a group added mid-run does not rename the others' keys.
+        self._fit_groups: list[int] = []
 
     @property
     def state_key(self) -> str:
@@ -221,6 +224,7 @@ class DampingRegimeMonitor(pl.Callback):
                 f" {type(trainer.strategy).__name__}: each rank holds only a shard of each parameter, so the measured"
                 " curvature would be wrong. Use a fixed `curvature` (the default) or DDP."
             )
+        self._fit_groups = fit_group_counts(trainer.optimizers)
         for optimizer in trainer.optimizers:
             self._hook(trainer, unwrap_optimizer(optimizer))
         if self.secant:
@@ -313,7 +317,7 @@ class DampingRegimeMonitor(pl.Callback):
             # ratio is inf, which the epoch summary leaves out.
             if (logging or not isinstance(lr, Tensor)) and is_frozen_lr(lr):
                 continue
-            suffix = group_key("", opt_idx, n_opts, group_idx, groups)
+            suffix = self._suffix(opt_idx, n_opts, group_idx, groups)
             momentum = self._momentum(group, suffix, opt_idx, group_idx, inner)
             if momentum is None:
                 continue
@@ -336,6 +340,10 @@ class DampingRegimeMonitor(pl.Callback):
         if self.secant:
             metrics.update(self._layer_metrics(trainer, inner))
         log_step(trainer.lightning_module, metrics)
+
+    def _suffix(self, opt_idx: int, n_opts: int, group_idx: int, groups: list[dict[str, Any]]) -> str:
+        n_fit = self._fit_groups[opt_idx] if opt_idx < len(self._fit_groups) else None
+        return group_key("", opt_idx, n_opts, group_idx, groups, n_fit)
 
     def _momentum(
         self, group: dict[str, Any], suffix: str, opt_idx: int, group_idx: int, inner: Any
@@ -443,7 +451,7 @@ class DampingRegimeMonitor(pl.Callback):
                 momentum = read_momentum(group, slot)
                 if not isinstance(momentum, Tensor) and momentum == 0:
                     continue
-                suffix = group_key("", opt_idx, n_opts, group_idx, groups)
+                suffix = self._suffix(opt_idx, n_opts, group_idx, groups)
                 title = f"zeta {_label(suffix, groups, group_idx)} in the critical band"
                 charts[title] = ["Margin", [f"damping/zeta{suffix}", "damping/band_low", "damping/band_high"]]
         charts["zeta, all groups, with the band"] = ["Multiline", [r"^damping/zeta(/|$)", *band]]

@@ -512,3 +512,31 @@ def test_secant_under_fp16_with_a_fused_optimizer(tmp_path: Path) -> None:
     fit(tmp_path, [monitor], model=model, logger=False, limit_train_batches=8, plugins=[plugin])
     assert scaler.get_scale() == 512.0, "the overflow step was skipped"
     assert monitor.layer_curvature() == pytest.approx(Quadratic.curvatures, rel=0.05)
+
+
+class Manual(TinyModel):
+    """Manual optimization: the optimizer step (and so the monitor's post hook) runs inside ``training_step``."""
+
+    def __init__(self) -> None:
+        super().__init__(sgd(lr=0.01))
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        opt = self.optimizers()
+        opt.zero_grad()  # type: ignore[union-attr]
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.manual_backward(loss)
+        opt.step()  # type: ignore[union-attr]
+        self.log("train_loss", loss)
+        return loss
+
+
+def test_manual_optimization_logs_on_the_users_steps(tmp_path: Path) -> None:
+    monitor = DampingRegimeMonitor()
+    trainer = fit(tmp_path, [monitor], model=Manual(), limit_train_batches=6, log_every_n_steps=2)
+    log_dir = trainer.logger.log_dir  # type: ignore[union-attr]
+    scalars = read_scalars(log_dir)
+    assert [s for s, _ in scalars["damping/zeta"]] == user_steps(log_dir) and len(user_steps(log_dir)) == 3
+    assert [z for _, z in scalars["damping/zeta"]] == pytest.approx([0.5] * 3, rel=1e-6)
+    assert monitor.history[0].n_steps == 6
