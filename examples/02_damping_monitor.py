@@ -1,9 +1,9 @@
 """DampingRegimeMonitor on scikit-learn's handwritten digits: which damping regime is SGD in, epoch by epoch?
 
-Two runs of the same MLP under cosine lr from 0.1: constant momentum 0.9 (underdamped for most of the run, PAPER.md
-section 2) and BetaMomentumCallback (critical while unclamped). The monitor also measures the curvature of each
-layer (``curvature="secant"``). Everything goes to TensorBoard; open the "Damping" category of the Custom Scalars
-tab with ``tensorboard --logdir <logdir>``.
+Two runs of the same MLP under cosine lr from 0.1: constant momentum 0.9 (underdamped for most of the run,
+docs/method.md, section 2) and BetaMomentumCallback (critical while unclamped). The monitor also measures the
+curvature of each layer (``curvature="secant"``). Everything goes to TensorBoard; open the "Damping" category of
+the Custom Scalars tab with ``tensorboard --logdir <logdir>``.
 
 Run: ``python examples/02_damping_monitor.py [--epochs N] [--logdir DIR]``. No download: the digits ship with
 scikit-learn.
