@@ -77,8 +77,23 @@ def _check_out_dir(out: Path) -> None:
         raise UsageError(f"--out {out}: the directory is not writable")
 
 
+def _check_accelerator(accelerator: str, devices: str) -> None:
+    """Refuse an accelerator or device count Lightning cannot use here, before any training starts."""
+    import lightning.pytorch as pl
+
+    from lightning_beta.demos.demo import parse_devices, quiet
+
+    try:
+        with quiet():
+            pl.Trainer(accelerator=accelerator, devices=parse_devices(devices), logger=False)
+    except Exception as err:  # a Trainer given only these two arguments fails for no other reason
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"--accelerator {accelerator} --devices {devices}: not usable here ({reason})") from None
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     _check_out_dir(args.out)
+    _check_accelerator(args.accelerator, args.devices)
     from lightning_beta.demos.demo import DemoConfig, run_demo
 
     config = DemoConfig(
@@ -90,13 +105,32 @@ def _run_demo(args: argparse.Namespace) -> int:
         devices=args.devices,
     )
     result = run_demo(config)
-    print(result.table())
-    print(f"\nView the panels:  tensorboard --logdir {args.out.resolve()}")
+    if result.is_global_zero:  # every process of a multi-device run gets here; one prints
+        print(result.table())
+        print(f"\nView the panels:  tensorboard --logdir {args.out.resolve()}")
     return 0
+
+
+#: The first bytes of a file ``torch.save`` wrote: a zip archive (the default since torch 1.6) or a raw pickle.
+CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _is_checkpoint(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return False
+    return any(head.startswith(magic) for magic in CHECKPOINT_MAGIC)
 
 
 def _run_report(args: argparse.Namespace) -> int:
     path: Path = args.path
+    if _is_checkpoint(path):
+        raise UsageError(
+            f"{path}: a torch/Lightning checkpoint, not a JSON artifact; pass the attribution.json that"
+            " LayerAttributionCallback writes (its `path`) or a diagnosis report (diagnosis.json)"
+        )
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -105,7 +139,7 @@ def _run_report(args: argparse.Namespace) -> int:
         raise UsageError(f"{path}: cannot read it ({err})") from None
     except json.JSONDecodeError as err:
         raise UsageError(f"{path}: not JSON ({err.msg} at line {err.lineno}), so not an artifact") from None
-    from lightning_beta.report import render_report
+    from lightning_beta.render import render_report
 
     try:
         print(render_report(data, source=str(path), markdown=args.markdown))

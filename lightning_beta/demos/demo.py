@@ -6,8 +6,11 @@ download); the TensorBoard logs go under ``out/constant`` and ``out/beta``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,8 +19,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Subset
 
 from lightning_beta.callbacks import BetaMomentumCallback, DampingRegimeMonitor, LayerAttributionCallback
-from lightning_beta.diagnosis import DiagnosisReport, diagnose
 from lightning_beta.demos.digits import DigitsClassifier, digits_dataloaders, load_digits_tensors
+from lightning_beta.diagnosis import DiagnosisReport, diagnose
 
 TARGETS = (0.90, 0.95)
 
@@ -62,6 +65,7 @@ class RunResult:
     attribution: LayerAttributionCallback
     model: DigitsClassifier
     log_dir: str
+    is_global_zero: bool = True
 
     @property
     def final_accuracy(self) -> float:
@@ -86,6 +90,11 @@ class DemoResult:
     runs: dict[str, RunResult]
     diagnosis: DiagnosisReport | None = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_global_zero(self) -> bool:
+        """Whether this process is global rank zero, the one that prints and writes (every run agrees)."""
+        return all(run.is_global_zero for run in self.runs.values())
 
     def table(self) -> str:
         """The comparison table printed by the demo."""
@@ -140,11 +149,47 @@ class DemoResult:
         return lines
 
 
-def _quiet() -> None:
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    logging.getLogger("lightning.pytorch.accelerators").setLevel(logging.WARNING)
-    for pattern in (".*does not have many workers.*", ".*is clamped.*", ".*LeafSpec.*"):
-        warnings.filterwarnings("ignore", pattern)
+#: Lightning's loggers whose info lines (accelerator, tips) the demo hides; warnings still show.
+QUIET_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators")
+#: Harmless warnings of the demo's own setup (tiny in-memory dataloaders; a torch deprecation inside Lightning).
+QUIET_WARNINGS = (".*does not have many workers.*", ".*LeafSpec.*")
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _HideLightningInfo(logging.Filter):
+    """Drops info records that Lightning emits, keeping every warning and everything lightning_beta emits."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # ``rank_zero_info`` sets ``stacklevel`` so ``pathname`` is its caller: lightning_beta's lines pass.
+        return record.levelno >= logging.WARNING or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Inside the block: Lightning's info lines and :data:`QUIET_WARNINGS` hidden; everything restored on exit.
+
+    Scoped to the block (the filters are removed and the warning filters restored after it), and never touching
+    what lightning_beta itself logs or warns (e.g. BetaMomentumCallback's clamp warning).
+
+    Example:
+        >>> before = list(warnings.filters)
+        >>> with quiet():
+        ...     pass
+        >>> warnings.filters == before
+        True
+    """
+    hide = _HideLightningInfo()
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    with warnings.catch_warnings():
+        for pattern in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", pattern)
+        for logger in loggers:
+            logger.addFilter(hide)
+        try:
+            yield
+        finally:
+            for logger in loggers:
+                logger.removeFilter(hide)
 
 
 def train_run(name: str, config: DemoConfig, beta: bool) -> RunResult:
@@ -162,7 +207,7 @@ def train_run(name: str, config: DemoConfig, beta: bool) -> RunResult:
     trainer = pl.Trainer(
         max_epochs=config.epochs,
         accelerator=config.accelerator,
-        devices=_devices(config.devices),
+        devices=parse_devices(config.devices),
         logger=logger,
         callbacks=callbacks,
         val_check_interval=0.25,
@@ -172,23 +217,34 @@ def train_run(name: str, config: DemoConfig, beta: bool) -> RunResult:
         deterministic=True,
     )
     trainer.fit(model, train_loader, val_loader)
-    return RunResult(name, curve, monitor, attribution, model, logger.log_dir)
+    return RunResult(name, curve, monitor, attribution, model, logger.log_dir, trainer.is_global_zero)
 
 
 def run_demo(config: DemoConfig) -> DemoResult:
-    """Train both runs, diagnose the beta run, and return everything the table needs."""
-    _quiet()
-    runs = {
-        "constant 0.9": train_run("constant", config, beta=False),
-        "beta schedule": train_run("beta", config, beta=True),
-    }
-    result = DemoResult(config, runs)
-    result.diagnosis = diagnose_run(runs["beta schedule"], config)
+    """Train both runs, diagnose the beta run, and return everything the table needs.
+
+    Under several devices every process runs this; the accuracies are the ranks' reduced validation metrics, the
+    diagnosis is the same on every rank, and only global rank zero writes the report (see
+    :attr:`DemoResult.is_global_zero` for printing).
+    """
+    with quiet():
+        runs = {
+            "constant 0.9": train_run("constant", config, beta=False),
+            "beta schedule": train_run("beta", config, beta=True),
+        }
+        result = DemoResult(config, runs)
+        result.diagnosis = diagnose_run(runs["beta schedule"], config)
+    if result.is_global_zero:
+        write_report(result.diagnosis, config.out)
     report_path = config.out / "diagnosis.json"
-    report_path.write_text(result.diagnosis.to_json())
-    (config.out / "diagnosis.md").write_text(result.diagnosis.to_markdown())
     result.notes.append(f"\nDiagnosis report: {report_path} (render it with `lightning-beta report {report_path}`)")
     return result
+
+
+def write_report(report: DiagnosisReport, out: Path) -> None:
+    """``diagnosis.json`` and ``diagnosis.md`` under ``out``: the report ``lightning-beta report`` renders."""
+    (out / "diagnosis.json").write_text(report.to_json())
+    (out / "diagnosis.md").write_text(report.to_markdown())
 
 
 def diagnose_run(run: RunResult, config: DemoConfig) -> DiagnosisReport:
@@ -214,10 +270,11 @@ def diagnose_run(run: RunResult, config: DemoConfig) -> DiagnosisReport:
         lr=0.01,
         baseline=True,
         accelerator=config.accelerator,
-        devices=_devices(config.devices),
+        devices=parse_devices(config.devices),
         enable_progress_bar=True,
     )
 
 
-def _devices(devices: str) -> int | str:
+def parse_devices(devices: str) -> int | str:
+    """``--devices`` as Lightning takes it: a count as an int, anything else (``"auto"``, ``"0,1"``) as given."""
     return int(devices) if devices.isdigit() else devices

@@ -10,7 +10,7 @@ from lightning_beta.diagnosis.drift import activation_drift, channel_drift, refe
 from lightning_beta.diagnosis.flag import Overlap, flag_layers, jaccard, optimizer_overlap, spearman
 from lightning_beta.diagnosis.kinetic import kinetic_energy_probe, kinetic_energy_scores
 from lightning_beta.diagnosis.localize import attribute_errors, error_gradients
-from lightning_beta.diagnosis.report import DiagnosisReport, diagnose, scan_history
+from lightning_beta.diagnosis.pipeline import DiagnosisReport, diagnose, scan_history
 from lightning_beta.diagnosis.scores import LayerScores
 from lightning_beta.diagnosis.treat import SurgeryResult, surgical_correction
 from lightning_beta.diagnosis.verify import ClassChange, Verification, verify

@@ -1,4 +1,6 @@
-"""Kinetic-energy layer ranking: mean squared momentum buffer per group (the iKFAD idea, PAPER.md section 6).
+"""Kinetic-energy layer ranking: mean squared momentum buffer per group (the iKFAD idea).
+
+The method is in docs/method.md, section 6.
 
 iKFAD drives a per-parameter friction by the kinetic energy ``p^2`` of the momentum. Read the other way round, the
 groups still carrying the most kinetic energy are those the optimizer is still moving: a third layer selector for
@@ -8,16 +10,17 @@ the treatment, beside the gradient and drift scores.
 from __future__ import annotations
 
 import copy
-import itertools
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_beta._checks import check_int
 from lightning_beta._optim import unwrap_optimizer
 from lightning_beta.diagnosis._batches import iter_batches, model_device
+from lightning_beta.diagnosis._outputs import LossFn, mean_loss
 from lightning_beta.diagnosis.scores import LayerScores
 from lightning_beta.layer_groups import GroupBy, group_parameters, group_sizes
 
@@ -105,44 +108,61 @@ def kinetic_energy_scores(
     return LayerScores(scores=scores, method="kinetic", n_params=sizes)
 
 
+def _cycle(dataloader: Iterable[Any], device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    # Re-iterates the dataloader when it runs out, moving each batch to the device only when it is drawn: the
+    # probe holds one batch at a time, not the whole dataloader.
+    while True:
+        yield from iter_batches(dataloader, device)
+
+
 def kinetic_energy_probe(
     model: nn.Module,
-    dataloader: Any,
+    dataloader: Iterable[Any],
     steps: int = 10,
     lr: float = 0.01,
     momentum: float = 0.9,
     group_by: GroupBy = "auto",
+    loss_fn: LossFn | None = None,
 ) -> LayerScores:
     """Kinetic energy after a few momentum-SGD steps on a copy of the model (the model itself is not changed).
 
-    For a model whose training optimizer is gone (or predates the fault): the copy takes ``steps`` steps of
-    cross-entropy SGD with heavy-ball momentum in train mode, then :func:`kinetic_energy_scores` reads its buffers.
+    For a model whose training optimizer is gone (or predates the fault): the copy takes ``steps`` steps of SGD with
+    heavy-ball momentum on the mean loss in train mode, then :func:`kinetic_energy_scores` reads its buffers. Only
+    the ``steps`` batches used are drawn from the dataloader and moved to the model's device, one at a time.
 
     Args:
-        model: a classifier returning logits.
-        dataloader: yields ``(inputs, targets)`` batches, cycled if shorter than ``steps``.
+        model: a classifier returning logits (or an output holding them under ``logits``).
+        dataloader: yields ``(inputs, targets)`` batches, re-iterated if shorter than ``steps``.
         steps: optimizer steps, ``>= 1``. Defaults to ``10``.
         lr: learning rate. Defaults to ``0.01``.
         momentum: heavy-ball momentum. Defaults to ``0.9``.
         group_by: layer groups. Defaults to ``"auto"``.
+        loss_fn: ``loss_fn(logits, targets)``, one loss per element; its mean is minimised. Defaults to
+            cross-entropy over the class dimension.
 
     Returns:
         The kinetic-energy scores of the copy.
 
     Raises:
         ValueError: if ``steps < 1`` or the dataloader is empty.
+
+    Example:
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> data = DataLoader(TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,))), batch_size=8)
+        >>> sorted(kinetic_energy_probe(net, data, steps=3).scores)
+        ['0', '2']
     """
-    if steps < 1:
-        raise ValueError(f"`steps` must be >= 1, got {steps}")
+    check_int("steps", steps, minimum=1)
     probe = copy.deepcopy(model)
     for p in probe.parameters():
         p.requires_grad_(True)
     probe.train()
     optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=momentum)
-    device = model_device(probe)
-    batches = list(iter_batches(dataloader, device))
-    for x, y in itertools.islice(itertools.cycle(batches), steps):
+    batches = _cycle(dataloader, model_device(probe))
+    for _ in range(steps):
+        x, y = next(batches)
         optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(probe(x), y).backward()
+        mean_loss(probe(x), y, loss_fn).backward()
         optimizer.step()
     return kinetic_energy_scores(optimizer, probe, group_by)

@@ -1,4 +1,4 @@
-"""Localize: which layer group do the errors come from (PAPER.md section 3)?
+"""Localize: which layer group do the errors come from (docs/method.md, section 3)?
 
 Two localizers return :class:`~lightning_beta.diagnosis.scores.LayerScores`:
 
@@ -11,7 +11,7 @@ Two localizers return :class:`~lightning_beta.diagnosis.scores.LayerScores`:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_beta.diagnosis._batches import iter_batches, model_device
+from lightning_beta.diagnosis._outputs import LossFn, Predict, element_losses, element_predictions, valid_elements
 from lightning_beta.diagnosis.drift import activation_drift, reference_statistics
 from lightning_beta.diagnosis.scores import LayerScores
 from lightning_beta.layer_groups import GroupBy, group_parameters, group_sizes
@@ -32,23 +33,18 @@ __all__ = [
     "reference_statistics",
 ]
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def per_sample_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """The default ``loss_fn``: cross-entropy per sample (``reduction="none"``)."""
-    return nn.functional.cross_entropy(logits, targets, reduction="none")
-
 
 @dataclass
 class ErrorGradients:
-    """Gradients of the mean loss over the misclassified and over the correctly classified samples.
+    """Gradients of the mean loss over the misclassified and over the correctly classified elements.
+
+    An element is one entry of the targets: a sample for ``(N, C)`` logits, a pixel or a token for dense outputs.
 
     Attributes:
-        wrong: parameter name to the gradient of the mean loss over misclassified samples (zeros if none).
-        correct: the same over correctly classified samples.
-        n_wrong: number of misclassified samples.
-        n_correct: number of correctly classified samples.
+        wrong: parameter name to the gradient of the mean loss over misclassified elements (zeros if none).
+        correct: the same over correctly classified elements.
+        n_wrong: number of misclassified elements.
+        n_correct: number of correctly classified elements.
     """
 
     wrong: dict[str, Tensor]
@@ -57,25 +53,33 @@ class ErrorGradients:
     n_correct: int
 
 
-def error_gradients(model: nn.Module, dataloader: Iterable[Any], loss_fn: LossFn | None = None) -> ErrorGradients:
-    """Per-parameter gradients of the mean loss over misclassified and over correct samples, in one pass.
+def error_gradients(
+    model: nn.Module, dataloader: Iterable[Any], loss_fn: LossFn | None = None, predict: Predict | None = None
+) -> ErrorGradients:
+    """Per-parameter gradients of the mean loss over misclassified and over correct elements, in one pass.
 
     The model runs in eval mode (BatchNorm uses its running statistics, dropout is off), batch by batch on its own
     device. Gradients come from ``torch.autograd.grad``, so ``.grad`` of every parameter is left untouched;
     ``requires_grad`` is switched on for the pass and restored, and so is the training flag.
 
+    Elements whose target is -100 (the padding label) are left out.
+
     Args:
-        model: a classifier returning logits ``(N, C)``.
+        model: a classifier returning logits ``(N, C)``, ``(B, C, d1, ...)`` or ``(B, T, V)``, or an output holding
+            them under ``logits`` (a Hugging Face ``ModelOutput``).
         dataloader: yields ``(inputs, targets)`` batches.
-        loss_fn: ``loss_fn(logits, targets)`` returning one loss per sample. Defaults to cross-entropy.
+        loss_fn: ``loss_fn(logits, targets)`` returning one loss per element (the targets' shape). Defaults to
+            cross-entropy over the class dimension.
+        predict: ``predict(logits)`` returning one predicted class per element. Defaults to the argmax over the
+            class dimension.
 
     Returns:
-        The two gradient sums divided by their sample counts.
+        The two gradient sums divided by their element counts.
 
     Raises:
-        ValueError: if the dataloader yields no samples, or ``loss_fn`` does not return one loss per sample.
+        ValueError: if the dataloader yields no samples, ``loss_fn`` does not return one loss per element, or the
+            logits do not fit the targets.
     """
-    loss_fn = loss_fn or per_sample_cross_entropy
     named = [(name, p) for name, p in model.named_parameters()]
     params = [p for _, p in named]
     device = model_device(model)
@@ -84,22 +88,22 @@ def error_gradients(model: nn.Module, dataloader: Iterable[Any], loss_fn: LossFn
     wrong = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     correct = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     n_wrong = torch.zeros((), dtype=torch.long, device=device)
-    n_total = 0
+    n_total = torch.zeros((), dtype=torch.long, device=device)
     model.eval()
     try:
         for p in params:
             p.requires_grad_(True)
         for x, y in iter_batches(dataloader, device):
-            logits = model(x)
-            losses = loss_fn(logits, y)
-            if losses.shape != y.shape:
-                raise ValueError(
-                    f"`loss_fn` must return one loss per sample, shape {tuple(y.shape)}, got {tuple(losses.shape)}"
-                )
-            is_wrong = (logits.argmax(dim=1) != y).to(losses.dtype)
-            # Two sums of the same graph: the errors' loss and the correct samples' loss.
+            output = model(x)
+            losses = element_losses(output, y, loss_fn)
+            with torch.no_grad():
+                valid = valid_elements(y)
+                wrong_mask = element_predictions(output, y, predict) != y
+                is_wrong = (wrong_mask & valid).to(losses.dtype)
+                is_right = (~wrong_mask & valid).to(losses.dtype)
+            # Two sums of the same graph: the errors' loss and the correct elements' loss.
             g_wrong = torch.autograd.grad((losses * is_wrong).sum(), params, retain_graph=True, allow_unused=True)
-            g_right = torch.autograd.grad((losses * (1 - is_wrong)).sum(), params, allow_unused=True)
+            g_right = torch.autograd.grad((losses * is_right).sum(), params, allow_unused=True)
             for acc, g in zip(wrong, g_wrong):
                 if g is not None:
                     acc.add_(g.float())
@@ -107,13 +111,13 @@ def error_gradients(model: nn.Module, dataloader: Iterable[Any], loss_fn: LossFn
                 if g is not None:
                     acc.add_(g.float())
             n_wrong += is_wrong.sum().long()
-            n_total += y.shape[0]
+            n_total += valid.sum().long()
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
         model.train(was_training)
     wrong_count = int(n_wrong)
-    right_count = n_total - wrong_count
+    right_count = int(n_total) - wrong_count
     for acc in wrong:
         acc.div_(max(wrong_count, 1))
     for acc in correct:
@@ -127,29 +131,38 @@ def attribute_errors(
     dataloader: Iterable[Any],
     group_by: GroupBy = "auto",
     loss_fn: LossFn | None = None,
+    predict: Predict | None = None,
 ) -> LayerScores:
-    """The paper's localizer: RMS gradient of the mean loss over the misclassified samples, per group.
+    """The paper's localizer: RMS gradient of the mean loss over the misclassified elements, per group.
 
     For group ``g`` with ``n_g`` parameters, ``s_g = ||grad_g L_wrong||_2 / sqrt(n_g)`` where ``L_wrong`` is the
-    mean loss over the misclassified samples. The same score on the correctly classified samples is reported as
+    mean loss over the misclassified elements. Every count is in elements, one per target entry: samples for
+    ``(N, C)`` logits, pixels for a per-pixel classifier ``(B, C, H, W)``, tokens for a language model ``(B, T, V)``
+    (``n_samples`` and ``n_misclassified`` of the result count them; targets of -100 are left out). The same score
+    on the correctly classified elements is reported as
     the ``correct`` column, and ``ratio = s_g / s_g_correct`` beside it (``inf`` where the correct samples give a
     zero gradient). The model is left as it was: eval mode during the pass, ``.grad``, ``requires_grad`` and the
     training flag unchanged.
 
-    With no misclassified sample every score is 0 and :attr:`LayerScores.message` says so: there is nothing to
+    With no misclassified element every score is 0 and :attr:`LayerScores.message` says so: there is nothing to
     attribute, which is a result rather than an error.
 
     Args:
-        model: a classifier returning logits.
+        model: a classifier returning logits, or an output holding them under ``logits`` (a Hugging Face
+            ``ModelOutput``).
         dataloader: yields ``(inputs, targets)`` batches, preferably not shuffled.
         group_by: layer groups, as :func:`~lightning_beta.layer_groups.group_parameters`. Defaults to ``"auto"``.
-        loss_fn: ``loss_fn(logits, targets)`` giving one loss per sample. Defaults to cross-entropy.
+        loss_fn: ``loss_fn(logits, targets)`` giving one loss per element, for outputs the default cross-entropy
+            does not cover. Defaults to cross-entropy over the class dimension.
+        predict: ``predict(logits)`` giving one predicted class per element. Defaults to the argmax over the class
+            dimension.
 
     Returns:
         Scores with ``method="gradient"`` and the detail columns ``correct`` and ``ratio``.
 
     Raises:
-        ValueError: if the dataloader yields no samples, or for an invalid ``group_by``.
+        ValueError: if the dataloader yields no samples, for an invalid ``group_by``, or logits that do not fit the
+            targets (pass ``loss_fn`` and ``predict``).
 
     Example:
         >>> from torch.utils.data import DataLoader, TensorDataset
@@ -162,13 +175,13 @@ def attribute_errors(
     """
     groups = group_parameters(model, group_by)
     sizes = group_sizes(model, groups)
-    grads = error_gradients(model, dataloader, loss_fn)
+    grads = error_gradients(model, dataloader, loss_fn, predict)
     wrong = _group_rms(grads.wrong, groups, sizes)
     right = _group_rms(grads.correct, groups, sizes)
     n = grads.n_wrong + grads.n_correct
     message = None
     if grads.n_wrong == 0:
-        message = f"no misclassified sample among the {n}: nothing to attribute, every score is 0"
+        message = f"no misclassified sample (element) among the {n}: nothing to attribute, every score is 0"
         wrong = {name: 0.0 for name in groups}
     ratio = {name: _ratio(wrong[name], right[name]) for name in groups}
     return LayerScores(

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from lightning_beta._text import json_safe, markdown_table
 
 
 @dataclass(frozen=True)
@@ -16,8 +17,9 @@ class LayerScores:
         method: the localizer, e.g. ``"gradient"``, ``"drift"`` or ``"kinetic"``.
         n_params: group name to its number of scalar parameters.
         details: further per-group columns by name (``{"correct": {...}, "ratio": {...}}``), shown in the table.
-        n_samples: samples the scores were computed on (0 where not applicable).
-        n_misclassified: misclassified samples among them, for the gradient score; ``None`` otherwise.
+        n_samples: elements the scores were computed on, one per target entry: samples for ``(N, C)`` logits,
+            pixels or tokens for dense outputs (0 where not applicable).
+        n_misclassified: misclassified elements among them, for the gradient score; ``None`` otherwise.
         message: why the scores are degenerate (e.g. no misclassified sample), ``None`` when they are not.
 
     Example:
@@ -57,7 +59,7 @@ class LayerScores:
             "scores": dict(self.scores),
             "ranking": self.ranking,
             "n_params": dict(self.n_params),
-            "details": {key: {g: _finite_or_none(v) for g, v in col.items()} for key, col in self.details.items()},
+            "details": json_safe(self.details),
             "n_samples": self.n_samples,
             "n_misclassified": self.n_misclassified,
             "message": self.message,
@@ -66,15 +68,14 @@ class LayerScores:
     def to_markdown(self) -> str:
         """The ranking as a markdown table: rank, group, size, score and every detail column."""
         columns = list(self.details)
-        head = "| rank | group | n_params | " + " | ".join([self.method, *columns]) + " |"
-        rule = "|---:|---|---:|" + "---:|" * (1 + len(columns))
-        lines = [head, rule]
-        for rank, name in enumerate(self.ranking, start=1):
-            cells = [_fmt(self.scores[name])] + [_fmt(self.details[c].get(name)) for c in columns]
-            lines.append(f"| {rank} | {name} | {self.n_params.get(name, '')} | " + " | ".join(cells) + " |")
-        if self.message:
-            lines.append(f"\n{self.message}")
-        return "\n".join(lines)
+        header = ["rank", "group", "n_params", self.method, *columns]
+        rows = [
+            [rank, name, self.n_params.get(name, ""), _fmt(self.scores[name])]
+            + [_fmt(self.details[c].get(name)) for c in columns]
+            for rank, name in enumerate(self.ranking, start=1)
+        ]
+        table = markdown_table(header, rows, align="rlr" + "r" * (1 + len(columns)))
+        return f"{table}\n\n{self.message}" if self.message else table
 
     def __str__(self) -> str:
         return self.to_markdown()
@@ -82,7 +83,3 @@ class LayerScores:
 
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4g}"
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None

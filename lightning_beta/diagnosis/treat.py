@@ -1,4 +1,6 @@
-"""Treat: surgical correction, retraining only the flagged layer groups in a fresh ``Trainer.fit`` (PAPER.md section 4).
+"""Treat: surgical correction, retraining only the flagged layer groups in a fresh ``Trainer.fit``.
+
+The method is in docs/method.md, section 4.
 
 The model is deep-copied; every other group is frozen (``requires_grad=False``, and its BatchNorm modules held in
 eval mode so their running statistics do not move), and the copy is retrained with the physics momentum schedule.
@@ -9,9 +11,9 @@ error gradient instead (a masked update). Retraining every group is the full-ret
 from __future__ import annotations
 
 import copy
-import math
+import inspect
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,12 +22,42 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_beta._checks import check_choice, check_int, check_number
 from lightning_beta.callbacks.beta_momentum import BetaMomentumCallback
 from lightning_beta.diagnosis._batches import check_group_names, split_batch
+from lightning_beta.diagnosis._outputs import LossFn, Predict, element_predictions, mean_loss, valid_elements
 from lightning_beta.diagnosis.localize import error_gradients
 from lightning_beta.layer_groups import GroupBy, group_parameters, group_sizes
 
 Selection = Literal["layers", "parameters"]
+
+#: Names a user may mean for the retraining epochs, which are ``max_epochs``.
+_EPOCH_ALIASES = ("epochs", "num_epochs", "n_epochs", "max_epoch")
+
+
+def check_trainer_kwargs(owner: str, kwargs: Mapping[str, Any]) -> None:
+    """Refuse, before any work, a keyword argument that neither ``owner`` nor ``Trainer`` takes.
+
+    Raises:
+        TypeError: naming the argument and, where one is meant, the argument to use instead.
+
+    Example:
+        >>> check_trainer_kwargs("diagnose", {"epochs": 3})
+        Traceback (most recent call last):
+        ...
+        TypeError: `epochs` is an argument of neither diagnose nor Trainer: the retraining epochs are `max_epochs=3`
+    """
+    accepted = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+    for name, value in kwargs.items():
+        if name in accepted:
+            continue
+        if name in _EPOCH_ALIASES:
+            hint = f": the retraining epochs are `max_epochs={value!r}`"
+        elif name == "trainer_kwargs":
+            hint = ': pass Trainer arguments as keyword arguments, e.g. `accelerator="cpu"`'
+        else:
+            hint = ""
+        raise TypeError(f"`{name}` is an argument of neither {owner} nor Trainer{hint}")
 
 
 @dataclass
@@ -73,12 +105,18 @@ class SurgeryResult:
 class SurgeryModule(pl.LightningModule):
     """Wraps a classifier for surgery: its loss, and SGD with a cosine lr over the trainable parameters only.
 
+    The loss is the mean over the elements (samples, pixels or tokens) of the batch, as in the localizer.
+
     Args:
         net: the network (any ``nn.Module``, a LightningModule included) returning logits.
         lr: peak learning rate, decayed to 0 by a per-step cosine schedule.
         momentum: SGD momentum (overwritten every step by ``BetaMomentumCallback`` when it is used).
-        weight_decay: L2 penalty of the optimizer.
-        loss_fn: ``loss_fn(logits, targets)`` per sample; its mean is minimised. Defaults to cross-entropy.
+        weight_decay: L2 penalty, applied once per optimizer step.
+        loss_fn: ``loss_fn(logits, targets)`` per element; its mean is minimised. Defaults to cross-entropy.
+        predict: ``predict(logits)`` per element, for ``val_acc``. Defaults to the argmax over the classes.
+        masks: parameter name to the 0/1 mask of its entries the update may change (``selection="parameters"``);
+            the weight decay of a masked parameter is then added, masked, in ``on_before_optimizer_step``.
+            Defaults to ``None``: every trainable entry, decay by the optimizer.
     """
 
     def __init__(
@@ -87,36 +125,63 @@ class SurgeryModule(pl.LightningModule):
         lr: float,
         momentum: float,
         weight_decay: float,
-        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        loss_fn: LossFn | None = None,
+        predict: Predict | None = None,
+        masks: dict[str, Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.net = net
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
-        self.loss_fn = loss_fn
+        self.loss_fn, self.predict = loss_fn, predict
+        self.masks = masks
+        self.handles: list[Any] = []
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Any:
         return self.net(x)
-
-    def _loss(self, logits: Tensor, y: Tensor) -> Tensor:
-        if self.loss_fn is None:
-            return nn.functional.cross_entropy(logits, y)
-        return self.loss_fn(logits, y).mean()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = split_batch(batch)
-        loss = self._loss(self(x), y)
+        loss = mean_loss(self(x), y, self.loss_fn)
         self.log("train_loss", loss)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = split_batch(batch)
-        logits = self(x)
-        self.log("val_loss", self._loss(logits, y))
-        self.log("val_acc", (logits.argmax(1) == y).float().mean())
+        output = self(x)
+        valid = valid_elements(y)
+        right = (element_predictions(output, y, self.predict) == y) & valid
+        self.log("val_loss", mean_loss(output, y, self.loss_fn))
+        self.log("val_acc", right.sum() / valid.sum().clamp_min(1))
+
+    def on_fit_start(self) -> None:
+        # The masks follow the net to its device; a gradient hook zeroes the update of every unchosen entry.
+        if self.masks is None:
+            return
+        self.masks = {name: mask.to(self.device) for name, mask in self.masks.items()}
+        params = dict(self.net.named_parameters())
+        for name, mask in self.masks.items():
+
+            def hook(grad: Tensor, mask: Tensor = mask) -> Tensor:
+                return grad * mask
+
+            self.handles.append(params[name].register_hook(hook))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Once per optimizer step, after the micro-batches' gradients are accumulated: a decay added in a gradient
+        # hook would be added once per backward, ``accumulate_grad_batches`` times.
+        if self.masks is None or self.weight_decay == 0:
+            return
+        params = dict(self.net.named_parameters())
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                param = params[name]
+                if param.grad is not None:
+                    param.grad.add_(param * mask, alpha=self.weight_decay)
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.net.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        decay = self.weight_decay if self.masks is None else 0.0
+        optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -127,10 +192,10 @@ def _force_eval(module: nn.Module, args: Any) -> None:
 
 
 def _parameter_masks(
-    net: nn.Module, budget: int, dataloader: Iterable[Any], loss_fn: Callable[[Tensor, Tensor], Tensor] | None
+    net: nn.Module, budget: int, dataloader: Iterable[Any], loss_fn: LossFn | None, predict: Predict | None
 ) -> dict[str, Tensor]:
-    """Masks selecting the ``budget`` parameter entries with the largest error gradient (all samples if none wrong)."""
-    grads = error_gradients(net, dataloader, loss_fn)
+    """Masks selecting the ``budget`` parameter entries with the largest error gradient (all elements if none wrong)."""
+    grads = error_gradients(net, dataloader, loss_fn, predict)
     source = grads.wrong if grads.n_wrong > 0 else grads.correct
     names = list(source)
     flat = torch.cat([source[n].abs().flatten() for n in names])
@@ -155,8 +220,9 @@ def surgical_correction(
     selection: Selection = "layers",
     group_by: GroupBy = "auto",
     weight_decay: float = 0.0,
-    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    loss_fn: LossFn | None = None,
     error_dataloader: Any = None,
+    predict: Predict | None = None,
     **trainer_kwargs: Any,
 ) -> SurgeryResult:
     """Retrain only ``layers`` of a copy of ``model`` (or the same budget of single parameters) in a fresh fit.
@@ -168,9 +234,9 @@ def surgical_correction(
 
     With ``selection="parameters"`` the budget is the number of parameters in ``layers``, spent on the entries
     with the largest gradient magnitude of the mean loss over the misclassified samples of ``error_dataloader``
-    (``train_dataloaders`` if not given); every other entry's update is zeroed by a gradient hook (weight decay is
-    applied inside the hook so masked entries do not decay), and BatchNorm modules without a chosen entry keep
-    their running statistics.
+    (``train_dataloaders`` if not given); every other entry's gradient is zeroed by a gradient hook, the weight decay
+    of the chosen entries is added once per optimizer step (so masked entries do not decay, and gradient
+    accumulation does not multiply it), and BatchNorm modules without a chosen entry keep their running statistics.
 
     Args:
         model: a classifier returning logits (a LightningModule or a plain ``nn.Module``); not modified.
@@ -182,19 +248,25 @@ def surgical_correction(
         momentum: ``"beta"`` for the critical-damping schedule, or a constant in ``[0, 1)``. Defaults to ``"beta"``.
         selection: ``"layers"`` or ``"parameters"``. Defaults to ``"layers"``.
         group_by: layer groups. Defaults to ``"auto"``.
-        weight_decay: L2 penalty. Defaults to ``0.0``.
-        loss_fn: per-sample loss ``loss_fn(logits, targets)``; its mean is minimised. Defaults to cross-entropy.
+        weight_decay: L2 penalty, ``>= 0``, once per optimizer step. Defaults to ``0.0``.
+        loss_fn: per-element loss ``loss_fn(logits, targets)`` (one per target entry); its mean is minimised.
+            Defaults to cross-entropy over the class dimension (``(N, C)``, ``(B, C, d1, ...)`` and ``(B, T, V)``
+            logits, or the ``logits`` of a Hugging Face ``ModelOutput``).
         error_dataloader: where the error gradients of ``selection="parameters"`` come from. Defaults to
             ``train_dataloaders``.
+        predict: ``predict(logits)`` giving one predicted class per element, for outputs the default argmax does
+            not cover. Defaults to ``None``.
         **trainer_kwargs: further ``Trainer`` arguments (quiet CPU-friendly defaults: no logger, checkpointing,
-            progress bar or model summary).
+            progress bar or model summary); the epochs are ``max_epochs`` above.
 
     Returns:
         The corrected copy and the measured cost.
 
     Raises:
-        ValueError: for an unknown or empty ``layers``, an unknown ``selection``, ``max_epochs < 1``, ``lr <= 0`` or
-            a constant momentum outside ``[0, 1)``.
+        ValueError: for an unknown or empty ``layers``, an unknown ``selection``, ``max_epochs < 1``, ``lr <= 0``,
+            ``weight_decay < 0`` or a constant momentum outside ``[0, 1)``.
+        TypeError: for a keyword argument that is not a ``Trainer`` argument either (e.g. ``epochs``: the message
+            names ``max_epochs``), or a wrong type of ``max_epochs`` or ``lr``.
 
     Example:
         >>> from torch.utils.data import DataLoader, TensorDataset
@@ -205,18 +277,18 @@ def surgical_correction(
         >>> frozen_kept, result.optimizer_steps, round(result.fraction_trained, 3)
         (True, 4, 0.31)
     """
+    check_trainer_kwargs("surgical_correction", trainer_kwargs)
     groups = group_parameters(model, group_by)
     layers = list(layers)
     if not layers:
         raise ValueError("`layers` is empty: name at least one group to retrain")
     check_group_names(layers, groups)
-    if selection not in ("layers", "parameters"):
-        raise ValueError(f'`selection` must be "layers" or "parameters", got {selection!r}')
-    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
-        raise ValueError(f"`max_epochs` must be an int >= 1, got {max_epochs!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"`lr` must be a finite number > 0, got {lr!r}")
-    if momentum != "beta" and not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
+    check_choice("selection", selection, ("layers", "parameters"))
+    check_int("max_epochs", max_epochs, minimum=1)
+    check_number("lr", lr, low=0.0, low_open=True)
+    check_number("weight_decay", weight_decay, low=0.0)
+    constant = isinstance(momentum, (int, float)) and not isinstance(momentum, bool)
+    if momentum != "beta" and not (constant and 0.0 <= momentum < 1.0):
         raise ValueError(f'`momentum` must be "beta" or a float in [0, 1), got {momentum!r}')
 
     net = copy.deepcopy(model)
@@ -226,21 +298,16 @@ def surgical_correction(
     budget = sum(sizes[g] for g in layers)
     params = dict(net.named_parameters())
     handles: list[Any] = []
+    masks: dict[str, Tensor] | None = None
     if selection == "layers":
         trainable = {p for g in layers for p in groups[g]}
         n_trained = budget
         touched = list(layers)
     else:
-        masks = _parameter_masks(net, budget, error_dataloader or train_dataloaders, loss_fn)
-        trainable = {name for name, mask in masks.items() if bool(mask.any())}
-        n_trained = int(sum(int(mask.sum()) for mask in masks.values()))
-        for name in trainable:
-            param, mask = params[name], masks[name].to(params[name].dtype)
-
-            def hook(grad: Tensor, param: Tensor = param, mask: Tensor = mask) -> Tensor:
-                return (grad + weight_decay * param.detach()) * mask
-
-            handles.append(param.register_hook(hook))
+        chosen = _parameter_masks(net, budget, error_dataloader or train_dataloaders, loss_fn, predict)
+        trainable = {name for name, mask in chosen.items() if bool(mask.any())}
+        n_trained = int(sum(int(mask.sum()) for mask in chosen.values()))
+        masks = {name: chosen[name].to(params[name].dtype) for name in trainable}
         touched = [g for g, names in groups.items() if any(n in trainable for n in names)]
     for name, param in params.items():
         param.requires_grad_(name in trainable)
@@ -254,8 +321,10 @@ def surgical_correction(
         net,
         lr=float(lr),
         momentum=start_momentum,
-        weight_decay=weight_decay if selection == "layers" else 0.0,
+        weight_decay=float(weight_decay),
         loss_fn=loss_fn,
+        predict=predict,
+        masks=masks,
     )
     callbacks = list(trainer_kwargs.pop("callbacks", []) or [])
     if momentum == "beta":
@@ -273,7 +342,7 @@ def surgical_correction(
     try:
         trainer.fit(module, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders)
     finally:
-        for handle in handles:
+        for handle in handles + module.handles:
             handle.remove()
     wall = time.perf_counter() - begin
     for name, param in net.named_parameters():

@@ -85,14 +85,18 @@ def test_surgery_bad_inputs(digits):
         surgical_correction(net, ["fc", "head"], digits)
     with pytest.raises(ValueError, match="`layers` is empty"):
         surgical_correction(net, [], digits)
-    with pytest.raises(ValueError, match='`selection` must be "layers" or "parameters", got \'weights\''):
+    with pytest.raises(ValueError, match="`selection` must be one of 'layers', 'parameters', got 'weights'"):
         surgical_correction(net, ["fc"], digits, selection="weights")
     with pytest.raises(ValueError, match=r'`momentum` must be "beta" or a float in \[0, 1\), got 1.5'):
         surgical_correction(net, ["fc"], digits, momentum=1.5)
-    with pytest.raises(ValueError, match="`max_epochs` must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="`max_epochs` must be >= 1, got 0"):
         surgical_correction(net, ["fc"], digits, max_epochs=0)
-    with pytest.raises(ValueError, match="`lr` must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"`lr` must be in \(0.0, inf\], got -1.0"):
         surgical_correction(net, ["fc"], digits, lr=-1.0)
+    with pytest.raises(ValueError, match=r"`weight_decay` must be in \[0.0, inf\], got -0.1"):
+        surgical_correction(net, ["fc"], digits, weight_decay=-0.1)
+    with pytest.raises(TypeError, match="`epochs` is an argument of neither surgical_correction nor Trainer: the"):
+        surgical_correction(net, ["fc"], digits, epochs=2)
 
 
 def test_kinetic_energy_golden():

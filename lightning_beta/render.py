@@ -1,14 +1,15 @@
-"""Render the package's JSON artifacts as terminal or markdown tables (``lightning-beta report``)."""
+"""Render the package's JSON artifacts as terminal or markdown tables: the reader of ``lightning-beta report``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+from lightning_beta._text import markdown_table
 from lightning_beta.artifact import KIND as ATTRIBUTION_KIND
 from lightning_beta.artifact import AttributionArtifact, artifact_from_dict
-from lightning_beta.diagnosis.report import KIND as DIAGNOSIS_KIND
-from lightning_beta.diagnosis.report import SCHEMA_VERSION as DIAGNOSIS_SCHEMA
+from lightning_beta.diagnosis.pipeline import KIND as DIAGNOSIS_KIND
+from lightning_beta.diagnosis.pipeline import SCHEMA_VERSION as DIAGNOSIS_SCHEMA
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = False) -> str:
@@ -22,13 +23,10 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], markdown:
         conv1   0.25
     """
     cells = [[_cell(v) for v in row] for row in rows]
-    if markdown:
-        align = ["---:" if rows and isinstance(rows[0][i], (int, float)) else "---" for i in range(len(header))]
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in cells]
-        return "\n".join(lines)
-    widths = [max(len(str(h)), *(len(row[i]) for row in cells)) for i, h in enumerate(header)]
     numeric = [bool(rows) and isinstance(rows[0][i], (int, float)) for i in range(len(header))]
+    if markdown:
+        return markdown_table(header, cells, align="".join("r" if num else "l" for num in numeric))
+    widths = [max(len(str(h)), *(len(row[i]) for row in cells)) for i, h in enumerate(header)]
 
     def line(values: Sequence[str]) -> str:
         parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
@@ -86,7 +84,7 @@ def render_diagnosis(data: dict[str, Any], source: str = "<json>", markdown: boo
             "",
             f"Flagged: {', '.join(data['flagged']) or 'nothing'}",
         ]
-        if data.get("message"):
+        if data.get("message") and not data.get("worse"):
             parts.append(str(data["message"]))
         rows = []
         for label, run, check in (
@@ -112,6 +110,8 @@ def render_diagnosis(data: dict[str, Any], source: str = "<json>", markdown: boo
     if rows:
         header = ["run", "params trained", "steps", "wall s", "acc before", "acc after", "fixed", "broken", "net"]
         parts += ["", format_table(header, rows, markdown)]
+    if data.get("worse"):
+        parts += ["", f"WORSE: {data.get('message') or 'the treated model makes more errors than its input'}"]
     return "\n".join(parts)
 
 

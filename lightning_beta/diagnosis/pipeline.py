@@ -1,4 +1,8 @@
-"""The whole pipeline in one call: Scan, Localize, Diagnose, Treat, Verify, and its report (PAPER.md sections 3-4)."""
+"""The whole pipeline in one call: Scan, Localize, Diagnose, Treat, Verify, and its report.
+
+The method is in docs/method.md, sections 3 and 4. A treatment that leaves the model worse than its input on the
+validation set is reported and not handed back: :attr:`DiagnosisReport.model` is then the input model.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +10,26 @@ import dataclasses
 import json
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_beta._checks import check_choice
+from lightning_beta._text import json_safe, markdown_table
+from lightning_beta.diagnosis._outputs import LossFn, Predict
 from lightning_beta.diagnosis.drift import Reference, activation_drift
 from lightning_beta.diagnosis.flag import flag_layers
 from lightning_beta.diagnosis.kinetic import kinetic_energy_probe
 from lightning_beta.diagnosis.localize import attribute_errors
 from lightning_beta.diagnosis.scores import LayerScores
-from lightning_beta.diagnosis.treat import SurgeryResult, surgical_correction
+from lightning_beta.diagnosis.treat import SurgeryResult, check_trainer_kwargs, surgical_correction
 from lightning_beta.diagnosis.verify import Verification, verify
 from lightning_beta.layer_groups import GroupBy, group_parameters
 
 Localizer = Literal["auto", "gradient", "drift", "kinetic"]
+LOCALIZERS = ("auto", "gradient", "drift", "kinetic")
 
 #: ``kind`` of the report JSON, read by ``lightning-beta report``.
 KIND = "lightning_beta.diagnosis_report"
@@ -68,7 +76,9 @@ class DiagnosisReport:
         verification: treated model vs the input on the validation set, ``None`` when nothing was flagged.
         baseline: full retraining (every group, same recipe), when asked for.
         baseline_verification: the baseline vs the input on the validation set.
-        message: why nothing was treated, if so.
+        message: why nothing was treated, or that the treatment made the model worse, if so.
+        input_model: the model given to :func:`diagnose` (not modified), returned by :attr:`model` when the
+            treatment made it worse.
     """
 
     scan: dict[str, Any] | None
@@ -79,11 +89,19 @@ class DiagnosisReport:
     baseline: SurgeryResult | None = None
     baseline_verification: Verification | None = None
     message: str | None = None
+    input_model: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def worse(self) -> bool:
+        """Whether the treated model makes more errors than its input on the validation set."""
+        return self.verification is not None and self.verification.worse
 
     @property
     def model(self) -> nn.Module | None:
-        """The corrected model, ``None`` when nothing was treated."""
-        return self.surgery.model if self.surgery is not None else None
+        """The corrected model; the input model when treatment made it worse; ``None`` when nothing was treated."""
+        if self.surgery is None:
+            return None
+        return self.input_model if self.worse else self.surgery.model
 
     @property
     def compute(self) -> dict[str, float] | None:
@@ -110,12 +128,14 @@ class DiagnosisReport:
             "baseline": self.baseline.to_dict() if self.baseline else None,
             "baseline_verification": self.baseline_verification.to_dict() if self.baseline_verification else None,
             "compute": self.compute,
+            "worse": self.worse,
+            "returned_model": None if self.surgery is None else ("input" if self.worse else "treated"),
             "message": self.message,
         }
 
     def to_json(self, indent: int | None = 1) -> str:
         """:meth:`to_dict` as JSON (non-finite numbers as ``null``)."""
-        return json.dumps(_finite(self.to_dict()), indent=indent, allow_nan=False)
+        return json.dumps(json_safe(self.to_dict()), indent=indent, allow_nan=False)
 
     def to_markdown(self) -> str:
         """A human-readable report: scan, scores, flagged groups, treatment, verification and compute."""
@@ -124,27 +144,34 @@ class DiagnosisReport:
             out += ["## Scan", "", f"{self.scan['n_records']} record(s); regimes {self.scan['regimes']}", ""]
         out += [f"## Localize ({self.scores.method})", "", self.scores.to_markdown(), ""]
         out += ["## Diagnose", "", f"flagged: {', '.join(self.flagged) if self.flagged else 'nothing'}", ""]
-        if self.message:
+        if self.message and not self.worse:
             out += [self.message, ""]
         rows = [
             ("surgery", self.surgery, self.verification),
             ("full retraining", self.baseline, self.baseline_verification),
         ]
         if self.surgery is not None:
-            out += [
-                "## Treat and verify",
-                "",
-                "| run | groups | params trained | steps | wall s | acc before | acc after | fixed | broken | net |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            table = [
+                [
+                    label,
+                    ", ".join(run.groups_touched),
+                    f"{run.fraction_trained:.1%}",
+                    run.optimizer_steps,
+                    f"{run.wall_time_s:.2f}",
+                    f"{ver.accuracy_before:.4f}",
+                    f"{ver.accuracy_after:.4f}",
+                    ver.fixed,
+                    ver.broken,
+                    f"{ver.net:+d}",
+                ]
+                for label, run, ver in rows
+                if run is not None and ver is not None
             ]
-            for label, run, ver in rows:
-                if run is None or ver is None:
-                    continue
-                out.append(
-                    f"| {label} | {', '.join(run.groups_touched)} | {run.fraction_trained:.1%} |"
-                    f" {run.optimizer_steps} | {run.wall_time_s:.2f} | {ver.accuracy_before:.4f} |"
-                    f" {ver.accuracy_after:.4f} | {ver.fixed} | {ver.broken} | {ver.net:+d} |"
-                )
+            header = ["run", "groups", "params trained", "steps", "wall s", "acc before", "acc after"]
+            header += ["fixed", "broken", "net"]
+            out += ["## Treat and verify", "", markdown_table(header, table, align="llrrrrrrrr")]
+            if self.worse:
+                out += ["", f"**Worse**: {self.message}"]
             compute = self.compute
             if compute is not None:
                 out += [
@@ -155,33 +182,23 @@ class DiagnosisReport:
         return "\n".join(out) + "\n"
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if value == value and abs(value) != float("inf") else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _localize(
     localizer: Localizer,
     model: nn.Module,
     dataloader: Iterable[Any],
     reference: Reference | None,
     group_by: GroupBy,
+    loss_fn: LossFn | None,
+    predict: Predict | None,
 ) -> LayerScores:
     if localizer == "auto":
         has_bn = any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules())
         localizer = "drift" if reference is not None or has_bn else "gradient"
     if localizer == "gradient":
-        return attribute_errors(model, dataloader, group_by)
+        return attribute_errors(model, dataloader, group_by, loss_fn=loss_fn, predict=predict)
     if localizer == "drift":
         return activation_drift(model, dataloader, reference, group_by)
-    if localizer == "kinetic":
-        return kinetic_energy_probe(model, dataloader, group_by=group_by)
-    raise ValueError(f'`localizer` must be "auto", "gradient", "drift" or "kinetic", got {localizer!r}')
+    return kinetic_energy_probe(model, dataloader, group_by=group_by, loss_fn=loss_fn)
 
 
 def diagnose(
@@ -202,6 +219,8 @@ def diagnose(
     selection: Literal["layers", "parameters"] = "layers",
     baseline: bool = False,
     baseline_epochs: int | None = None,
+    loss_fn: LossFn | None = None,
+    predict: Predict | None = None,
     **trainer_kwargs: Any,
 ) -> DiagnosisReport:
     """Scan, Localize, Diagnose, Treat and Verify a trained classifier; optionally measure full retraining too.
@@ -226,13 +245,22 @@ def diagnose(
         selection: ``"layers"`` or ``"parameters"`` (same budget). Defaults to ``"layers"``.
         baseline: also retrain every group, to measure the compute saved. Defaults to ``False``.
         baseline_epochs: epochs of the baseline. Defaults to ``max_epochs``.
-        **trainer_kwargs: further ``Trainer`` arguments for both fits.
+        loss_fn: ``loss_fn(logits, targets)``, one loss per element, for the localizer and the retraining.
+            Defaults to cross-entropy over the class dimension of ``(N, C)``, ``(B, C, d1, ...)`` or ``(B, T, V)``
+            logits (the output, or its ``logits``: a Hugging Face ``ModelOutput``).
+        predict: ``predict(logits)``, one predicted class per element, for the localizer and the verification.
+            Defaults to the argmax over the class dimension.
+        **trainer_kwargs: further ``Trainer`` arguments for both fits (checked before any work; the epochs are
+            ``max_epochs``).
 
     Returns:
-        The report; ``report.model`` is the corrected model.
+        The report; ``report.model`` is the corrected model, or the input model when the treatment made it worse
+        on ``val_dataloader`` (``report.worse``; the report says so).
 
     Raises:
         ValueError: for an unknown ``localizer`` and the errors of the steps it runs.
+        TypeError: for a keyword argument that neither ``diagnose`` nor ``Trainer`` takes (``epochs`` is named
+            ``max_epochs``).
 
     Example:
         >>> from torch.utils.data import DataLoader, TensorDataset
@@ -244,19 +272,37 @@ def diagnose(
         >>> len(report.flagged), report.verification.n_samples
         (1, 32)
     """
+    check_choice("localizer", localizer, LOCALIZERS)
+    check_trainer_kwargs("diagnose", trainer_kwargs)
     scan = scan_history(history) if history is not None else None
-    scores = _localize(localizer, model, localize_dataloader or train_dataloaders, reference, group_by)
+    localize_data = localize_dataloader or train_dataloaders
+    scores = _localize(localizer, model, localize_data, reference, group_by, loss_fn, predict)
     flagged = flag_layers(scores, ratio=ratio, top_k=top_k)
     if not flagged:
         reason = scores.message or "no group scored high enough to be flagged"
-        return DiagnosisReport(scan, scores, flagged, message=f"nothing treated: {reason}")
-    common = {"max_epochs": max_epochs, "lr": lr, "momentum": momentum, "group_by": group_by, **trainer_kwargs}
+        return DiagnosisReport(scan, scores, flagged, message=f"nothing treated: {reason}", input_model=model)
+    common = {
+        "max_epochs": max_epochs,
+        "lr": lr,
+        "momentum": momentum,
+        "group_by": group_by,
+        "loss_fn": loss_fn,
+        "predict": predict,
+        **trainer_kwargs,
+    }
     surgery = surgical_correction(model, flagged, train_dataloaders, selection=selection, **common)
-    verification = verify(model, surgery.model, val_dataloader)
+    verification = verify(model, surgery.model, val_dataloader, predict=predict)
     base = base_ver = None
     if baseline:
         everything = list(group_parameters(model, group_by))
         common["max_epochs"] = baseline_epochs or max_epochs
         base = surgical_correction(model, everything, train_dataloaders, **common)
-        base_ver = verify(model, base.model, val_dataloader)
-    return DiagnosisReport(scan, scores, flagged, surgery, verification, base, base_ver)
+        base_ver = verify(model, base.model, val_dataloader, predict=predict)
+    message = None
+    if verification.worse:
+        message = (
+            f"the treated model is worse than its input on the validation set (accuracy"
+            f" {verification.accuracy_before:.4f} -> {verification.accuracy_after:.4f}, net {verification.net:+d}):"
+            " `report.model` is the input model, unchanged"
+        )
+    return DiagnosisReport(scan, scores, flagged, surgery, verification, base, base_ver, message, input_model=model)
