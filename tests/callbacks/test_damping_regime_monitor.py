@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -17,6 +18,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
+from lightning_beta._logging import is_logging_step
 from lightning_beta.callbacks.beta_momentum import BetaMomentumCallback
 from lightning_beta.callbacks.damping_regime_monitor import DampingRegimeMonitor, EpochDamping
 from lightning_beta.functional.damping import classify_regime
@@ -540,3 +542,59 @@ def test_manual_optimization_logs_on_the_users_steps(tmp_path: Path) -> None:
     assert [s for s, _ in scalars["damping/zeta"]] == user_steps(log_dir) and len(user_steps(log_dir)) == 3
     assert [z for _, z in scalars["damping/zeta"]] == pytest.approx([0.5] * 3, rel=1e-6)
     assert monitor.history[0].n_steps == 6
+
+
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")
+
+
+@contextlib.contextmanager
+def no_host_reads(calls: list[str]) -> Any:
+    """Record every host read of a tensor (a device sync on an accelerator) made inside the block."""
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def guarded(name: str) -> Any:
+        def read(self: Tensor, *args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return originals[name](self, *args, **kwargs)
+
+        return read
+
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, guarded(name))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def guard_non_logging_steps(monitor: DampingRegimeMonitor) -> dict[str, list[str]]:
+    """Wrap the monitor's per-step hooks: host reads on steps Lightning does not log are recorded."""
+    seen: dict[str, list[str]] = {"reads": [], "guarded_steps": []}
+    for name in ("on_before_optimizer_step", "_after_step"):
+        original = getattr(monitor, name)
+
+        def wrapped(trainer: Trainer, *args: Any, _original: Any = original, _name: str = name) -> Any:
+            if is_logging_step(trainer):
+                return _original(trainer, *args)
+            seen["guarded_steps"].append(_name)
+            with no_host_reads(seen["reads"]):
+                return _original(trainer, *args)
+
+        setattr(monitor, name, wrapped)
+    return seen
+
+
+@pytest.mark.parametrize("lr", ["float", "tensor"])
+@pytest.mark.parametrize("curvature", [1.0, "secant"])
+def test_no_host_read_on_non_logging_steps(tmp_path: Path, lr: str, curvature: Any) -> None:
+    def adam(m: LightningModule) -> torch.optim.Optimizer:
+        rate = torch.tensor(0.01) if lr == "tensor" else 0.01
+        return torch.optim.Adam(m.parameters(), lr=rate, betas=(0.8, 0.999), foreach=False)
+
+    monitor = DampingRegimeMonitor(curvature=curvature)
+    seen = guard_non_logging_steps(monitor)
+    fit(tmp_path, [monitor], model=TinyModel(adam), limit_train_batches=8, log_every_n_steps=4)
+    assert seen["guarded_steps"].count("_after_step") == 6, "steps 0-2 and 4-6 are not logged"
+    assert seen["reads"] == []
+    assert monitor.history[0].n_steps == 8 and monitor.history[0].median_zeta == pytest.approx(1.0, rel=1e-5)
