@@ -1,18 +1,22 @@
 """The layer-attribution artifact: its dataclass, the atomic JSON writer and the validating reader.
 
 ``LayerAttributionCallback`` writes ``attribution.json`` at fit end; :func:`load_attribution` reads it back without a
-Trainer, for the diagnosis functions and for plots. Schema version 1 (one JSON object)::
+Trainer, for the diagnosis functions and for plots (:mod:`lightning_beta.figures`). Schema version 2 (one JSON
+object)::
 
-    schema_version  1
+    schema_version  2
     kind            "lightning_beta.layer_attribution"
     complete        false when written from an exception, before training ended
     norm_type, group_by, global_step, reference_batches
     groups          [{"name", "n_params", "parameters": [dotted names]}], in group order
     history         {"epochs": [e, ...], "mean": [[per group] per epoch], "total": [per epoch]}
+    intervals       {"steps": [s, ...], "mean": [[per group] per logging interval]}, of the first
+                    epoch (the heatmap of a one-epoch run); new in version 2
     totals          {group: {"mean", "rms", "max", "count", "nonfinite"}}; "total": the same for the whole model
     reference       {group: {"mean": [per channel], "var": [per channel], "count"}}; "reference_skipped": [groups]
 
-Norms of steps or epochs with no finite value are ``null``; the JSON never holds NaN or Infinity.
+Norms of steps or epochs with no finite value are ``null``; the JSON never holds NaN or Infinity. Version 1 files
+(no ``intervals``) are still read.
 """
 
 from __future__ import annotations
@@ -28,7 +32,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-SCHEMA_VERSION = 1
+from lightning_beta._text import markdown_table
+
+SCHEMA_VERSION = 2
+#: Schema versions :func:`load_attribution` reads.
+READABLE_VERSIONS = (1, 2)
 KIND = "lightning_beta.layer_attribution"
 _REQUIRED = ("schema_version", "kind", "complete", "groups", "history", "totals", "total")
 
@@ -74,6 +82,8 @@ class AttributionArtifact:
     reference_batches: int = 0
     reference: dict[str, ReferenceStats] = field(default_factory=dict)
     reference_skipped: list[str] = field(default_factory=list)
+    interval_steps: list[int] = field(default_factory=list)
+    interval_history: list[list[float | None]] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def size_normalised(self) -> dict[str, float | None]:
@@ -91,24 +101,16 @@ class AttributionArtifact:
 
     def ranking_markdown(self) -> str:
         """The ranking as a markdown table (TensorBoard's text plugin renders it)."""
-        lines = ["| rank | group | n_params | mean norm | mean / sqrt(n) |", "|---:|---|---:|---:|---:|"]
-        for rank, (name, score) in enumerate(self.ranking(), start=1):
-            mean = self.totals[name].mean
-            lines.append(f"| {rank} | {name} | {self.groups[name]} | {mean:.4g} | {score:.4g} |")
-        return "\n".join(lines)
+        rows = [
+            [rank, name, self.groups[name], f"{self.totals[name].mean:.4g}", f"{score:.4g}"]
+            for rank, (name, score) in enumerate(self.ranking(), start=1)
+        ]
+        return markdown_table(["rank", "group", "n_params", "mean norm", "mean / sqrt(n)"], rows, align="rlrrr")
 
     def history_tensor(self) -> Tensor:
         """The history as a float64 ``(epochs, groups)`` tensor, NaN where an epoch had no finite norm."""
         rows = [[math.nan if v is None else v for v in row] for row in self.history]
         return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(self.groups))
-
-    def heatmap(self, cell: int = 16) -> Tensor:
-        """An ``(H, W, 3)`` uint8 image of ``log10`` of the history, epochs down and groups across.
-
-        Each cell is ``cell`` pixels square; missing values are grey. The colours run from dark blue (smallest
-        norm of the run) to yellow (largest).
-        """
-        return heatmap_image(self.history_tensor(), cell=cell)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of the artifact."""
@@ -124,6 +126,7 @@ class AttributionArtifact:
                 {"name": n, "n_params": c, "parameters": self.parameters.get(n, [])} for n, c in self.groups.items()
             ],
             "history": {"epochs": self.history_epochs, "mean": self.history, "total": self.history_total},
+            "intervals": {"steps": self.interval_steps, "mean": self.interval_history},
             "totals": {name: vars(t) for name, t in self.totals.items()},
             "total": vars(self.total),
             "reference": {name: vars(r) for name, r in self.reference.items()},
@@ -210,9 +213,10 @@ def artifact_from_dict(data: Any, source: str = "<dict>") -> AttributionArtifact
         raise ValueError(f"{where}: missing key(s) {missing}")
     if data["kind"] != KIND:
         raise ValueError(f"{where}: `kind` is {data['kind']!r}, expected {KIND!r}")
-    if data["schema_version"] != SCHEMA_VERSION:
+    if data["schema_version"] not in READABLE_VERSIONS:
         raise ValueError(
-            f"{source!r} has schema_version {data['schema_version']!r}; this release reads {SCHEMA_VERSION}"
+            f"{source!r} has schema_version {data['schema_version']!r}; this release reads"
+            f" {' and '.join(str(v) for v in READABLE_VERSIONS)}"
         )
     try:
         groups = {str(g["name"]): int(g["n_params"]) for g in data["groups"]}
@@ -223,6 +227,9 @@ def artifact_from_dict(data: Any, source: str = "<dict>") -> AttributionArtifact
         history_total = [_opt_float(v) for v in history["total"]]
         totals = {str(name): _totals(t) for name, t in data["totals"].items()}
         total = _totals(data["total"])
+        intervals = data.get("intervals", {"steps": [], "mean": []})  # absent in version 1
+        interval_steps = [int(s) for s in intervals["steps"]]
+        interval_rows = [[_opt_float(v) for v in row] for row in intervals["mean"]]
         reference = {
             str(name): ReferenceStats([float(v) for v in r["mean"]], [float(v) for v in r["var"]], int(r["count"]))
             for name, r in data.get("reference", {}).items()
@@ -231,6 +238,8 @@ def artifact_from_dict(data: Any, source: str = "<dict>") -> AttributionArtifact
         raise ValueError(f"{where}: malformed field ({type(err).__name__}: {err})") from err
     if any(len(row) != len(groups) for row in rows) or not (len(rows) == len(epochs) == len(history_total)):
         raise ValueError(f"{where}: `history` must have one row of {len(groups)} values per epoch")
+    if len(interval_rows) != len(interval_steps) or any(len(row) != len(groups) for row in interval_rows):
+        raise ValueError(f"{where}: `intervals` must have one row of {len(groups)} values per step")
     if set(totals) != set(groups):
         raise ValueError(f"{where}: `totals` names {sorted(totals)} but `groups` names {sorted(groups)}")
     unknown = sorted(set(reference) - set(groups))
@@ -251,46 +260,9 @@ def artifact_from_dict(data: Any, source: str = "<dict>") -> AttributionArtifact
         reference_batches=int(data.get("reference_batches", 0)),
         reference=reference,
         reference_skipped=[str(n) for n in data.get("reference_skipped", [])],
+        interval_steps=interval_steps,
+        interval_history=interval_rows,
     )
-
-
-def heatmap_image(values: Tensor, cell: int = 16) -> Tensor:
-    """Render a 2-D tensor as an ``(H, W, 3)`` uint8 image of ``log10(values)`` with a viridis-like colormap.
-
-    Args:
-        values: ``(rows, cols)``; NaN, zero or negative entries are drawn grey.
-        cell: side of each cell in pixels. Defaults to ``16``.
-
-    Example:
-        >>> heatmap_image(torch.tensor([[1.0, 10.0], [100.0, float("nan")]]), cell=2).shape
-        torch.Size([4, 4, 3])
-    """
-    values = values.double()
-    ok = torch.isfinite(values) & (values > 0)
-    logged = torch.where(ok, values.clamp_min(1e-300).log10(), torch.zeros_like(values))
-    if ok.any():
-        low, high = logged[ok].min(), logged[ok].max()
-        scaled = (logged - low) / (high - low) if high > low else torch.full_like(logged, 0.5)
-    else:
-        scaled = torch.zeros_like(logged)
-    rgb = _colormap(scaled.clamp(0, 1))
-    rgb[~ok] = torch.tensor([0.5, 0.5, 0.5], dtype=rgb.dtype)
-    image = (rgb * 255).round().to(torch.uint8)
-    return image.repeat_interleave(cell, dim=0).repeat_interleave(cell, dim=1)
-
-
-# Five anchor colours of matplotlib's viridis (dark blue, blue, teal, green, yellow), linearly interpolated.
-_ANCHORS = torch.tensor(
-    [[0.267, 0.005, 0.329], [0.231, 0.322, 0.545], [0.129, 0.569, 0.549], [0.369, 0.788, 0.384], [0.993, 0.906, 0.144]],
-    dtype=torch.float64,
-)
-
-
-def _colormap(x: Tensor) -> Tensor:
-    pos = x * (len(_ANCHORS) - 1)
-    lo = pos.floor().long().clamp(0, len(_ANCHORS) - 2)
-    frac = (pos - lo).unsqueeze(-1)
-    return _ANCHORS[lo] * (1 - frac) + _ANCHORS[lo + 1] * frac
 
 
 def _totals(t: Any) -> GroupTotals:

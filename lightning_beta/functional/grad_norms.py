@@ -1,4 +1,10 @@
-"""Per-group gradient norms from one fused norm call (PAPER.md section 3). Pure torch, no Lightning import."""
+"""Per-group gradient norms from one fused norm call (docs/method.md, section 3). Pure torch, no Lightning import.
+
+Every grouped norm of the package goes through :func:`tensor_norms`, the one ``torch._foreach_norm`` call:
+:func:`group_norms` (the norms of one step's groups), :func:`add_group_powers_` (the per-step half of a grouped norm
+that is summed over steps, or over ranks for sharded gradients) and :func:`grouped_norms` (with per-tensor
+non-finite masking).
+"""
 
 from __future__ import annotations
 
@@ -34,6 +40,48 @@ def check_norm_type(norm_type: float) -> None:
         raise ValueError(f"`norm_type` must be > 0 or inf, got {norm_type}")
 
 
+def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, dtype: torch.dtype | None = None) -> Tensor:
+    """The ``norm_type``-norm of each tensor as one 1-D tensor, from one ``torch._foreach_norm`` call.
+
+    Nothing is copied to the host, so it is safe in a per-step hook.
+
+    Args:
+        tensors: the tensors (gradients), all on one device; must not be empty.
+        norm_type: the norm order, ``> 0`` or ``inf``. Defaults to ``2.0``.
+        dtype: dtype of the result; ``None`` keeps the norms' own (promoted) dtype. Defaults to ``None``.
+
+    Example:
+        >>> tensor_norms([torch.tensor([3.0, 4.0]), torch.tensor([1.0], dtype=torch.float16)], dtype=torch.float32)
+        tensor([5., 1.])
+    """
+    norms = list(torch._foreach_norm(list(tensors), norm_type))
+    if dtype is not None and any(n.dtype != dtype for n in norms):
+        norms = [n.to(dtype) for n in norms]
+    return torch.stack(norms)
+
+
+def group_norms(tensors: Sequence[Tensor], index: Tensor, n_groups: int, norm_type: float = 2.0) -> Tensor:
+    """The float32 ``norm_type``-norm of each group of tensors (0 for a group no tensor maps to), without a host sync.
+
+    A group's norm is the norm of the concatenation of its tensors. Non-finite values propagate (see
+    :func:`grouped_norms` for a masked variant).
+
+    Args:
+        tensors: the tensors (gradients), on ``index``'s device; may be empty.
+        index: int64 tensor of ``len(tensors)`` group indices in ``[0, n_groups)``.
+        n_groups: number of groups.
+        norm_type: the norm order, ``> 0`` or ``inf``. Defaults to ``2.0``.
+
+    Example:
+        >>> group_norms([torch.tensor([3.0]), torch.tensor([4.0]), torch.tensor([1.0])], torch.tensor([0, 0, 1]), 3)
+        tensor([5., 1., 0.])
+    """
+    out = torch.zeros(n_groups, dtype=torch.float32, device=index.device)
+    if len(tensors) == 0:
+        return out
+    return root_group_powers(add_group_powers_(out, tensors, index, norm_type), norm_type)
+
+
 def grouped_norms(
     tensors: Sequence[Tensor], index: Tensor, n_groups: int, norm_type: float = 2.0
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -64,7 +112,7 @@ def grouped_norms(
         zeros = torch.zeros(n_groups)
         return zeros, zeros.bool(), zeros.bool()
     device = tensors[0].device
-    per_tensor = torch.stack(torch._foreach_norm(list(tensors), norm_type)).float()
+    per_tensor = tensor_norms(tensors, norm_type, torch.float32)
     finite = torch.isfinite(per_tensor)
     safe = torch.where(finite, per_tensor, torch.zeros_like(per_tensor))
     counts = torch.zeros(n_groups, device=device).index_add_(0, index, torch.ones_like(safe))
@@ -81,7 +129,9 @@ def grouped_norms(
     return norms, counts > 0, nonfinite
 
 
-def add_group_powers_(out: Tensor, tensors: Sequence[Tensor], index: Tensor, norm_type: float = 2.0) -> Tensor:
+def add_group_powers_(
+    out: Tensor, tensors: Sequence[Tensor], index: Tensor, norm_type: float = 2.0, weight: Tensor | None = None
+) -> Tensor:
     """Reduce each tensor's norm into ``out[index[i]]`` in place: the per-step half of a grouped norm.
 
     With one ``_foreach_norm`` call and one segment reduction, ``out[g]`` gets the sum of the ``norm_type``-th powers
@@ -96,6 +146,8 @@ def add_group_powers_(out: Tensor, tensors: Sequence[Tensor], index: Tensor, nor
         tensors: the tensors (gradients); must not be empty.
         index: int64 tensor on the same device, ``index[i]`` is the entry of ``out`` for ``tensors[i]``.
         norm_type: the norm order, ``> 0`` or ``inf``. Defaults to ``2.0``.
+        weight: a factor per tensor multiplied into its power (ignored for ``inf``): ``1 / copies`` for a shard held
+            by several ranks, so that a sum over ranks counts each element once. Defaults to ``None`` (all 1).
 
     Returns:
         ``out``.
@@ -105,12 +157,14 @@ def add_group_powers_(out: Tensor, tensors: Sequence[Tensor], index: Tensor, nor
         >>> add_group_powers_(out, [torch.tensor([3.0, 4.0]), torch.tensor([2.0])], torch.tensor([0, 0]))
         tensor([29.,  0., -1.])
     """
-    per_tensor = torch.stack(torch._foreach_norm(list(tensors), norm_type))
+    per_tensor = tensor_norms(tensors, norm_type)
     if per_tensor.dtype != out.dtype:
         per_tensor = per_tensor.to(out.dtype)
     if math.isinf(norm_type):
         return out.scatter_reduce_(0, index, per_tensor, "amax", include_self=True)
     powered = per_tensor * per_tensor if norm_type == 2.0 else per_tensor.pow(norm_type)
+    if weight is not None:
+        powered = powered * weight
     return out.index_add_(0, index, powered)
 
 

@@ -1,27 +1,36 @@
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_beta._loggers import is_logging_step
+from lightning_beta._logging import is_logging_step
+from lightning_beta.artifact import load_attribution
+from lightning_beta.callbacks import _attribution_outputs
 from lightning_beta.callbacks.layer_attribution import LayerAttributionCallback, check_strategy
-from lightning_beta.diagnosis import load_attribution
+from lightning_beta.figures import attribution_heatmap
 from lightning_beta.layer_groups import group_parameters
 from tests.helpers import SpawnDDP, TinyModel, make_loader, read_scalars, trainer_kwargs
 
 
 class GradRecorder(pl.Callback):
-    """Independent recomputation: per-parameter ``torch.linalg.vector_norm`` in float64, then per group."""
+    """Independent recomputation: per-parameter ``torch.linalg.vector_norm`` in float64, then per group.
+
+    Also records whether Lightning logs at each step (``is_logging_step``), which delimits the logging intervals.
+    """
 
     def __init__(self, group_by: Any = "auto", norm_type: float = 2.0) -> None:
         self.group_by = group_by
@@ -48,7 +57,15 @@ class GradRecorder(pl.Callback):
             every += parts
             norms[group] = torch.linalg.vector_norm(torch.stack(parts), self.norm_type).item() if parts else None
         total = torch.linalg.vector_norm(torch.stack(every), self.norm_type).item()
-        self.steps.append({"step": trainer.global_step, "epoch": trainer.current_epoch, "norms": norms, "total": total})
+        self.steps.append(
+            {
+                "step": trainer.global_step,
+                "epoch": trainer.current_epoch,
+                "norms": norms,
+                "total": total,
+                "logs": is_logging_step(trainer),
+            }
+        )
 
     def values(self, group: str | None, epoch: int | None = None) -> list[float]:
         out = []
@@ -56,6 +73,19 @@ class GradRecorder(pl.Callback):
             v = s["total"] if group is None else s["norms"][group]
             if v is not None and math.isfinite(v) and (epoch is None or s["epoch"] == epoch):
                 out.append(v)
+        return out
+
+    def interval_means(self, group: str | None) -> list[float]:
+        """The mean norm over each logging interval (the steps since the previous logging step), in order."""
+        out, acc = [], []
+        for s in self.steps:
+            v = s["total"] if group is None else s["norms"][group]
+            if v is not None:
+                acc.append(v)
+            if s["logs"]:
+                if acc:
+                    out.append(sum(acc) / len(acc))
+                acc = []
         return out
 
 
@@ -83,18 +113,13 @@ def _check_artifact_against(art: Any, rec: GradRecorder) -> None:
         assert total == pytest.approx(sum(vals) / len(vals), rel=1e-5)
 
 
-def _expected_logged(rec: GradRecorder, group: str | None, every: int) -> list[tuple[int, float]]:
-    out, acc = [], []
-    for s in rec.steps:
-        v = s["total"] if group is None else s["norms"][group]
-        if v is not None:
-            acc.append(v)
-        step = s["step"]
-        if step == 0 or (step + 1) % every == 0:
-            if acc:
-                out.append((step, sum(acc) / len(acc)))
-            acc = []
-    return out
+def _check_logged(scalars: dict[str, list[tuple[int, float]]], rec: GradRecorder, groups: list[str]) -> None:
+    """``grad_norm/*`` sit on the step axis of the model's own ``self.log("train_loss")``, with the interval means."""
+    loss_steps = [s for s, _ in scalars["train_loss"]]
+    for group in [*groups, None]:
+        logged = scalars[f"grad_norm/{group or 'total'}"]
+        assert [s for s, _ in logged] == loss_steps
+        assert [v for _, v in logged] == pytest.approx(rec.interval_means(group), rel=1e-5)
 
 
 class FrozenMidModel(TinyModel):
@@ -121,23 +146,25 @@ class FrozenMidModel(TinyModel):
 
 
 def test_logged_and_saved_norms_match_recomputation_sgd(tmp_path: Any) -> None:
-    cb, rec = LayerAttributionCallback(log_every_n_steps=3), GradRecorder()
+    cb, rec = LayerAttributionCallback(), GradRecorder()
     logger = TensorBoardLogger(tmp_path, name="tb")
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, logger=logger, callbacks=[cb, rec]))
+    kwargs = trainer_kwargs(tmp_path, max_epochs=2, logger=logger, log_every_n_steps=3, callbacks=[cb, rec])
+    trainer = pl.Trainer(**kwargs)
     trainer.fit(TinyModel(), make_loader())
     assert cb.artifact_path == tmp_path / "tb" / "version_0" / "attribution.json"
     art = load_attribution(cb.artifact_path)
     assert art.complete and art.global_step == 8 and art.history_epochs == [0, 1]
     _check_artifact_against(art, rec)
     scalars = read_scalars(logger.log_dir)
+    assert [s["step"] for s in rec.steps if s["logs"]] == [2, 5]  # Lightning's schedule: every 3rd step
+    _check_logged(scalars, rec, ["body", "head"])
+    # epoch means, once per epoch, under their own keys
     for group in ["body", "head", None]:
-        logged = scalars[f"grad_norm/{group or 'total'}"]
-        expected = _expected_logged(rec, group, every=3)
-        assert [s for s, _ in logged] == [s for s, _ in expected] == [0, 2, 5]
-        assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-5)
-    # reference statistics for both module groups, one channel per output feature
+        epoch_means = [v for _, v in scalars[f"grad_norm_epoch/{group or 'total'}"]]
+        expected = [sum(rec.values(group, e)) / len(rec.values(group, e)) for e in (0, 1)]
+        assert epoch_means == pytest.approx(expected, rel=1e-5)
+    # reference statistics for both module groups, one feature per output unit
     assert set(art.reference) == {"body", "head"} and len(art.reference["head"].mean) == 2
-    assert art.reference["body"].count == 4 * 8
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(logger.log_dir), size_guidance={"images": 0, "tensors": 0})
@@ -146,10 +173,45 @@ def test_logged_and_saved_norms_match_recomputation_sgd(tmp_path: Any) -> None:
     assert any("attribution/ranking" in tag for tag in acc.Tags()["tensors"])
 
 
+def test_log_every_n_steps_argument_is_deprecated() -> None:
+    with pytest.deprecated_call(match=r"log_every_n_steps=...\) is deprecated and ignored"):
+        LayerAttributionCallback(log_every_n_steps=3)
+
+
+def test_trainer_log_every_n_steps_zero_logs_epoch_means_only(tmp_path: Any) -> None:
+    cb, rec = LayerAttributionCallback(reference_batches=0), GradRecorder()
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    kwargs = trainer_kwargs(tmp_path, logger=logger, log_every_n_steps=0, callbacks=[cb, rec])
+    trainer = pl.Trainer(**kwargs)
+    trainer.fit(TinyModel(), make_loader())
+    scalars = read_scalars(logger.log_dir)
+    assert not [tag for tag in scalars if tag.startswith("grad_norm/")]
+    assert "grad_norm/total" not in trainer.callback_metrics
+    mean = sum(rec.values(None)) / len(rec.values(None))
+    assert trainer.callback_metrics["grad_norm_epoch/total"].item() == pytest.approx(mean, rel=1e-5)
+
+
+def test_model_checkpoint_monitors_grad_norms(tmp_path: Any) -> None:
+    cb, rec = LayerAttributionCallback(reference_batches=0), GradRecorder()
+    last = ModelCheckpoint(dirpath=tmp_path / "last", monitor="grad_norm/total", mode="min", save_top_k=1)
+    epoch = ModelCheckpoint(dirpath=tmp_path / "epoch", monitor="grad_norm_epoch/total", mode="min", save_top_k=1)
+    kwargs = trainer_kwargs(
+        tmp_path, max_epochs=3, log_every_n_steps=2, enable_checkpointing=True, callbacks=[cb, rec, last, epoch]
+    )
+    pl.Trainer(**kwargs).fit(TinyModel(), make_loader())
+    # "grad_norm/total" at epoch end is the mean of the epoch's last logging interval (steps 2-3 of 4)
+    last_intervals = [rec.interval_means(None)[2 * e + 1] for e in range(3)]
+    assert last.best_model_score.item() == pytest.approx(min(last_intervals), rel=1e-5)
+    epoch_means = [sum(rec.values(None, e)) / 4 for e in range(3)]
+    assert epoch.best_model_score.item() == pytest.approx(min(epoch_means), rel=1e-5)
+    assert len(list((tmp_path / "last").iterdir())) == len(list((tmp_path / "epoch").iterdir())) == 1
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_accumulation_two_param_groups_frozen_module(tmp_path: Any, optimizer: str) -> None:
     cb, rec = LayerAttributionCallback(reference_batches=2), GradRecorder()
-    kwargs = trainer_kwargs(tmp_path, max_epochs=2, accumulate_grad_batches=2, callbacks=[cb, rec])
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    kwargs = trainer_kwargs(tmp_path, max_epochs=2, accumulate_grad_batches=2, logger=logger, callbacks=[cb, rec])
     trainer = pl.Trainer(**kwargs)
     trainer.fit(FrozenMidModel(optimizer), make_loader())
     art = load_attribution(cb.artifact_path)
@@ -158,8 +220,10 @@ def test_accumulation_two_param_groups_frozen_module(tmp_path: Any, optimizer: s
     assert art.totals["mid"].count == 0 and art.totals["mid"].mean is None and art.groups["mid"] == 16 * 16 + 16
     assert all(row[2] is None for row in art.history)
     _check_artifact_against(art, rec)
-    assert art.reference["mid"].count == 2 * 8  # the frozen module still has reference statistics
-    assert cb.artifact_path == tmp_path / "attribution.json"  # no logger: default_root_dir
+    scalars = read_scalars(logger.log_dir)
+    _check_logged(scalars, rec, ["body", "head"])
+    assert "grad_norm/mid" not in scalars and "grad_norm_epoch/mid" not in scalars  # never a gradient: never logged
+    assert "mid" in art.reference  # the frozen module still has reference statistics
 
 
 @pytest.mark.parametrize("norm_type", [1.0, math.inf])
@@ -219,7 +283,7 @@ def test_no_host_sync_on_non_logging_steps(tmp_path: Any, monkeypatch: pytest.Mo
 
     class Arm(pl.Callback):
         def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
-            if not is_logging_step(trainer, 4):
+            if not is_logging_step(trainer):
                 state["armed"] = True
                 state["guarded_steps"] += 1
 
@@ -227,13 +291,40 @@ def test_no_host_sync_on_non_logging_steps(tmp_path: Any, monkeypatch: pytest.Mo
         def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
             state["armed"] = False
 
-    cb = LayerAttributionCallback(log_every_n_steps=4, reference_batches=1)
+    cb = LayerAttributionCallback(reference_batches=1)
     logger = TensorBoardLogger(tmp_path)
-    kwargs = trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=6, logger=logger)
+    kwargs = trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=6, logger=logger, log_every_n_steps=4)
     # the frozen module makes the first step build a new index, which must not sync either
     pl.Trainer(**kwargs, callbacks=[Arm(), cb, Disarm()]).fit(FrozenMidModel("adam"), make_loader())
-    assert state["guarded_steps"] == 12 - 4  # steps 0, 3, 7, 11 log
-    assert [s for s, _ in read_scalars(logger.log_dir)["grad_norm/body"]] == [0, 3, 7, 11]
+    assert state["guarded_steps"] == 12 - 3  # steps 3, 7, 11 log
+    assert [s for s, _ in read_scalars(logger.log_dir)["grad_norm/body"]] == [3, 7, 11]
+
+
+def test_buffer_shorter_than_log_interval_no_host_sync(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 3-row step buffer fills (and is reduced on the device) several times per 7-step logging interval.
+    armed = {"armed": False}
+    _guard_host_copies(monkeypatch, armed)
+
+    class Arm(pl.Callback):
+        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+            armed["armed"] = not is_logging_step(trainer)
+
+    class Disarm(pl.Callback):
+        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+            armed["armed"] = False
+
+    cb, rec = LayerAttributionCallback(reference_batches=0), GradRecorder()
+    cb._buffer_rows = 3
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    kwargs = trainer_kwargs(tmp_path, max_epochs=3, limit_train_batches=8, logger=logger, log_every_n_steps=7)
+    pl.Trainer(**kwargs, callbacks=[Arm(), cb, Disarm(), rec]).fit(TinyModel(), make_loader())
+    assert cb._acc is not None and len(rec.steps) == 24
+    art = load_attribution(cb.artifact_path)
+    assert art.total.count == 24
+    _check_artifact_against(art, rec)
+    scalars = read_scalars(logger.log_dir)
+    assert [s for s, _ in scalars["grad_norm/total"]] == [6, 13, 20]
+    _check_logged(scalars, rec, ["body", "head"])
 
 
 def test_resume_writes_same_artifact(tmp_path: Any) -> None:
@@ -258,7 +349,28 @@ def test_resume_writes_same_artifact(tmp_path: Any) -> None:
     b = load_attribution(resumed.artifact_path).to_dict()
     assert a["history"]["epochs"] == b["history"]["epochs"] == [0, 1, 2]
     assert a["total"]["count"] == b["total"]["count"] == 12
+    assert a["intervals"]["steps"] == b["intervals"]["steps"] == [0, 1, 2, 3]  # the first epoch's intervals
     assert _approx_equal(a, b)
+
+
+def test_resume_from_a_state_of_the_previous_release(tmp_path: Any) -> None:
+    # The previous release's state (version 1) had no interval history: it resumes, with none.
+    cb = LayerAttributionCallback(reference_batches=0, dirpath=tmp_path / "first")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb]))
+    trainer.fit(TinyModel(), make_loader())
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=False)
+    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("LayerAttributionCallback")]
+    state = checkpoint["callbacks"][key]
+    assert state["version"] == 1 and state["interval_steps"] == [0, 1, 2, 3]
+    old = {k: v for k, v in state.items() if k not in ("interval_steps", "interval_history")}
+    checkpoint["callbacks"][key] = old
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    resumed = LayerAttributionCallback(reference_batches=0, dirpath=tmp_path / "resumed")
+    kwargs = trainer_kwargs(tmp_path, max_epochs=2, callbacks=[resumed])
+    pl.Trainer(**kwargs).fit(TinyModel(), make_loader(), ckpt_path=tmp_path / "old.ckpt")
+    art = load_attribution(resumed.artifact_path)
+    assert art.total.count == 8 and art.history_epochs == [0, 1] and art.interval_steps == []
 
 
 def _approx_equal(a: Any, b: Any) -> bool:
@@ -279,7 +391,7 @@ def test_state_dict_round_trip_and_group_mismatch(tmp_path: Any) -> None:
     other = LayerAttributionCallback(reference_batches=0)
     other.load_state_dict(state)
     assert other.state_dict()["history"] == []  # pending until the fit resolves the groups
-    with pytest.raises(ValueError, match="state has version 7"):
+    with pytest.raises(ValueError, match="state has version 7; this release reads version 1"):
         other.load_state_dict({**state, "version": 7})
     # a checkpoint of another model (same `group_by`, so the same state key) cannot be resumed
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb]))
@@ -292,6 +404,37 @@ def test_state_dict_round_trip_and_group_mismatch(tmp_path: Any) -> None:
         pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[resumed])).fit(
             model, make_loader(), ckpt_path=tmp_path / "tiny.ckpt"
         )
+
+
+def test_resume_mid_buffer_is_exact(tmp_path: Any) -> None:
+    # Every batch is the same, so a mid-epoch resume (Lightning restarts the DataLoader) sees the same gradients.
+    # The checkpoint at step 6 is written while step 5's row is buffered (last reduced at the log of step 4).
+    x = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.TensorDataset(x.repeat(4, 1), (x[:, 0] > 0).long().repeat(4))
+
+    def run(name: str, ckpt_path: Any = None, **kwargs: Any) -> tuple[LayerAttributionCallback, dict[str, Any]]:
+        cb = LayerAttributionCallback(reference_batches=0, dirpath=tmp_path / name)
+        cb._buffer_rows = 4
+        logger = TensorBoardLogger(tmp_path / name, name="tb")
+        callbacks = [cb, *kwargs.pop("callbacks", [])]
+        kwargs = trainer_kwargs(
+            tmp_path / name, max_epochs=3, logger=logger, log_every_n_steps=5, callbacks=callbacks, **kwargs
+        )
+        torch.manual_seed(0)
+        pl.Trainer(**kwargs).fit(TinyModel(), DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
+        return cb, read_scalars(logger.log_dir)
+
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
+    plain, plain_scalars = run("plain")
+    straight, straight_scalars = run("straight", callbacks=[ckpt], enable_checkpointing=True)
+    resumed, resumed_scalars = run("resumed", ckpt_path=tmp_path / "ckpt" / "epoch=1-step=6.ckpt")
+    a, b, c = (load_attribution(cb.artifact_path).to_dict() for cb in (plain, straight, resumed))
+    assert a["total"]["count"] == 12 and a["history"]["epochs"] == [0, 1, 2]
+    assert a == b == c  # bit for bit, wherever the rows were reduced
+    assert plain_scalars == straight_scalars
+    for tag, points in resumed_scalars.items():
+        if tag.startswith("grad_norm/"):
+            assert points == [(s, v) for s, v in straight_scalars[tag] if s >= 6]
 
 
 class _Crash(TinyModel):
@@ -307,6 +450,166 @@ def test_exception_writes_incomplete_artifact(tmp_path: Any) -> None:
         pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb])).fit(_Crash(), make_loader())
     art = load_attribution(tmp_path / "attribution.json")
     assert not art.complete and art.total.count == 3 and art.reference == {}
+
+
+def test_unwritable_directory_warns_and_keeps_the_artifact(tmp_path: Any) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    cb = LayerAttributionCallback(reference_batches=0, dirpath=tmp_path / "file")
+    with pytest.warns(UserWarning, match=r"write it with `lightning_beta\.artifact\.save_attribution`"):
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb])).fit(TinyModel(), make_loader())
+    assert cb.artifact is not None and cb.artifact.total.count == 4 and cb.artifact_path is None
+
+
+def test_fast_dev_run_writes_nothing(tmp_path: Any) -> None:
+    cb = LayerAttributionCallback(reference_batches=1)
+    kwargs = trainer_kwargs(tmp_path, fast_dev_run=2, logger=TensorBoardLogger(tmp_path))
+    pl.Trainer(**kwargs, callbacks=[cb]).fit(TinyModel(), make_loader())
+    assert cb.artifact is not None and cb.artifact.total.count == 2  # kept in memory
+    assert cb.artifact_path is None and list(tmp_path.iterdir()) == []
+
+
+def test_csv_logger_run_directory(tmp_path: Any) -> None:
+    paths = []
+    for _ in range(2):
+        cb = LayerAttributionCallback(reference_batches=0)
+        logger = CSVLogger(tmp_path, name="csv")
+        pl.Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[cb])).fit(TinyModel(), make_loader())
+        assert cb.artifact_path == Path(logger.log_dir) / "attribution.json"
+        paths.append(cb.artifact_path)
+    assert paths[0] != paths[1] and all(p.exists() for p in paths)  # each run keeps its own
+
+
+class _Client:
+    """Records what an ``MlflowClient`` was asked to store."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+        self.calls.append(("log_artifact", run_id, Path(local_path).read_text()))
+
+    def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
+        self.calls.append(("log_figure", run_id, artifact_file, figure))
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.calls.append(("log_text", run_id, artifact_file, text))
+
+    def log_batch(self, *args: Any, **kwargs: Any) -> None:
+        self.calls.append(("log_batch",))
+
+
+class _MLflow(MLFlowLogger):
+    """``MLFlowLogger``'s public attributes over a recording client (mlflow is not a test dependency): a file store
+    under ``save_dir``, experiment ``name`` = its id, ``version`` = the run id."""
+
+    def __init__(self, save_dir: Path, run_id: str) -> None:
+        Logger.__init__(self)
+        self._save_dir, self._run_id, self.client = str(save_dir), run_id, _Client()
+        self._log_model, self._checkpoint_callback, self._prefix = False, None, ""
+
+    @property
+    def experiment(self) -> Any:
+        return self.client
+
+    @property
+    def run_id(self) -> str:
+        return self._run_id
+
+    @property
+    def experiment_id(self) -> str:
+        return "0"
+
+    @property
+    def save_dir(self) -> str:
+        return self._save_dir
+
+    @property
+    def name(self) -> str:
+        return self.experiment_id
+
+    @property
+    def version(self) -> str:
+        return self._run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.client.calls.append(("log_metrics", dict(metrics), step))
+
+    def log_hyperparams(self, params: Any) -> None:
+        pass
+
+    def finalize(self, status: str = "success") -> None:
+        pass
+
+
+def test_mlflow_artifact_in_its_own_run(tmp_path: Any) -> None:
+    runs = {}
+    for run_id in ["run-a", "run-b"]:
+        cb, logger = LayerAttributionCallback(reference_batches=0), _MLflow(tmp_path / "mlruns", run_id)
+        pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, logger=logger, callbacks=[cb])).fit(
+            TinyModel(), make_loader()
+        )
+        # the run's own directory, as ModelCheckpoint places checkpoints: never mlruns/attribution.json
+        assert cb.artifact_path == tmp_path / "mlruns" / "0" / run_id / "attribution.json"
+        runs[run_id] = logger.client.calls
+    for run_id, calls in runs.items():
+        stored = [c for c in calls if c[0] == "log_artifact"]
+        assert len(stored) == 1 and stored[0][1] == run_id and '"lightning_beta.layer_attribution"' in stored[0][2]
+        (figure,) = [c for c in calls if c[0] == "log_figure"]
+        assert figure[1:3] == (run_id, "attribution_heatmap.png")
+        assert [t.get_text() for t in figure[3].axes[0].get_yticklabels()] == ["body", "head"]
+        assert any(c[0] == "log_text" and c[1] == run_id and "| rank |" in c[3] for c in calls)
+        logged = [key for c in calls if c[0] == "log_metrics" for key in c[1]]
+        assert "grad_norm/total" in logged and "grad_norm_epoch/total" in logged  # through Lightning
+    assert (tmp_path / "mlruns" / "0" / "run-a" / "attribution.json").exists()
+
+
+def test_heatmap_figure_labels(tmp_path: Any) -> None:
+    cb = LayerAttributionCallback(reference_batches=0)
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=3, callbacks=[cb])).fit(FrozenMidModel(), make_loader())
+    assert cb.artifact is not None
+    figure = attribution_heatmap(cb.artifact)
+    ax, bar = figure.axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["body", "head", "mid"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2"]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("epoch", "layer group")
+    assert bar.get_ylabel() == "log10 mean gradient L2 norm"
+    data = ax.images[0].get_array()
+    assert data.shape == (3, 3) and data.mask[2].all()  # the frozen group: no value, drawn blank
+    assert data[0, 1] == pytest.approx(math.log10(cb.artifact.history[1][0]))
+
+
+def test_heatmap_of_a_one_epoch_run_shows_logging_intervals(tmp_path: Any) -> None:
+    cb = LayerAttributionCallback(reference_batches=0)
+    kwargs = trainer_kwargs(tmp_path, limit_train_batches=8, log_every_n_steps=2, callbacks=[cb])
+    pl.Trainer(**kwargs).fit(TinyModel(), make_loader())
+    assert cb.artifact is not None and cb.artifact.interval_steps == [1, 3, 5, 7]
+    ax = attribution_heatmap(cb.artifact).axes[0]
+    assert ax.get_xlabel() == "optimizer step"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "3", "5", "7"]
+
+
+def test_without_matplotlib_the_image_is_skipped(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(_attribution_outputs, "matplotlib_available", lambda: False)
+    logger = TensorBoardLogger(tmp_path)
+    cb = LayerAttributionCallback(reference_batches=0)
+    with caplog.at_level(logging.INFO):
+        pl.Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[cb])).fit(TinyModel(), make_loader())
+    assert sum("matplotlib is not installed" in r.getMessage() for r in caplog.records) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logger.log_dir), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    assert acc.Tags()["images"] == [] and any("attribution/ranking" in t for t in acc.Tags()["tensors"])
+
+
+def test_sharded_strategies() -> None:
+    # FSDP1 and DeepSpeed keep gradients in their own flat or partitioned buffers: refused.
+    for strategy in [FSDPStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy)]:  # needs no deepspeed
+        with pytest.raises(MisconfigurationException, match=f"sharded strategy {type(strategy).__name__}"):
+            check_strategy(strategy)
+    check_strategy(ModelParallelStrategy())  # FSDP2: supported
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -333,12 +636,6 @@ def test_regex_groups_reference_only_for_modules(tmp_path: Any) -> None:
     _check_artifact_against(art, rec)
 
 
-def test_sharded_strategies_raise() -> None:
-    for strategy in [FSDPStrategy(), ModelParallelStrategy()]:
-        with pytest.raises(MisconfigurationException, match=f"sharded strategy {type(strategy).__name__}"):
-            check_strategy(strategy)
-
-
 class _TotalModel(TinyModel):
     def __init__(self) -> None:
         super().__init__()
@@ -361,7 +658,7 @@ def test_group_named_total_raises(tmp_path: Any) -> None:
         ({"group_by": 1.5}, TypeError, "got float"),
         ({"norm_type": 0}, ValueError, "`norm_type` must be > 0 or inf, got 0"),
         ({"norm_type": "fro"}, TypeError, "`norm_type` must be a float, got str"),
-        ({"log_every_n_steps": 0}, ValueError, "`log_every_n_steps` must be >= 1, got 0"),
+        ({"log_every_n_steps": 0}, ValueError, "`log_every_n_steps` must be >= 1, got 0"),  # deprecated, still checked
         ({"log_every_n_steps": 2.0}, TypeError, "`log_every_n_steps` must be None or an int, got float"),
         ({"reference_batches": -1}, ValueError, "`reference_batches` must be >= 0, got -1"),
         ({"reference_batches": True}, TypeError, "`reference_batches` must be an int, got bool"),
@@ -396,7 +693,7 @@ def test_ddp_norms_equal_single_process_full_batch(tmp_path: Any) -> None:
     # Two ranks with half batches see the averaged gradient of the full batch: no collective is needed.
     single = LayerAttributionCallback(reference_batches=0, dirpath=tmp_path / "single")
     pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[single])).fit(TinyModel(_sgd), make_loader(batch_size=8))
-    ddp = LayerAttributionCallback(reference_batches=1)  # directory from trainer.log_dir, a collective
+    ddp = LayerAttributionCallback(reference_batches=1)  # directory from the logger's run, a broadcast
     kwargs = trainer_kwargs(tmp_path / "ddp", strategy=SpawnDDP(), devices=2, use_distributed_sampler=False)
     torch.manual_seed(0)
     pl.Trainer(**kwargs, callbacks=[ddp]).fit(_ShardedDataModel(_sgd))
@@ -410,85 +707,47 @@ def test_ddp_norms_equal_single_process_full_batch(tmp_path: Any) -> None:
         assert tb.max == pytest.approx(ta.max, rel=1e-5)
 
 
+@pytest.mark.ddp
+def test_model_parallel_inf_norm_is_the_max_over_shards(tmp_path: Any) -> None:
+    # FSDP2 over two CPU ranks: each rank's shard maxima are combined by one all-reduce (max) per reduction of the
+    # step buffer; one process over the same global batches holds the whole gradients. (L2 under ModelParallel is
+    # checked against the gathered full gradients in tests/multidevice/test_model_parallel.py.)
+    from tests.multidevice.model_parallel import SpawnModelParallel, assert_rank_zero_wrote_alone, fit
+
+    def callback() -> LayerAttributionCallback:
+        cb = LayerAttributionCallback(norm_type=math.inf, reference_batches=0)
+        cb._buffer_rows = 2  # reduced mid-epoch too: the collectives of every rank must match
+        return cb
+
+    sharded = load_attribution(fit(tmp_path / "sharded", [callback()], SpawnModelParallel()) / "attribution.json")
+    single = load_attribution(fit(tmp_path / "single", [callback()]) / "attribution.json")
+    assert sharded.total.count == single.total.count == 6
+    for name in [*single.groups, None]:
+        want, got = (single.total, sharded.total) if name is None else (single.totals[name], sharded.totals[name])
+        assert (got.mean, got.max) == (pytest.approx(want.mean, rel=1e-5), pytest.approx(want.max, rel=1e-5))
+    assert sharded.history == pytest.approx(single.history, rel=1e-5)
+    assert_rank_zero_wrote_alone(tmp_path / "sharded", attribution=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_no_cuda_sync_on_non_logging_steps(tmp_path: Any) -> None:
     class Arm(pl.Callback):
         def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
-            if not is_logging_step(trainer, 4):
+            if not is_logging_step(trainer):
                 torch.cuda.set_sync_debug_mode("error")
 
     class Disarm(pl.Callback):
         def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
             torch.cuda.set_sync_debug_mode("default")
 
-    cb, rec = LayerAttributionCallback(log_every_n_steps=4), GradRecorder()
-    kwargs = trainer_kwargs(tmp_path, max_epochs=2, accelerator="gpu", logger=TensorBoardLogger(tmp_path))
+    cb, rec = LayerAttributionCallback(), GradRecorder()
+    kwargs = trainer_kwargs(
+        tmp_path, max_epochs=2, accelerator="gpu", logger=TensorBoardLogger(tmp_path), log_every_n_steps=4
+    )
     try:
         pl.Trainer(**kwargs, callbacks=[Arm(), cb, Disarm(), rec]).fit(FrozenMidModel("adam"), make_loader())
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert cb.artifact_path is not None
     _check_artifact_against(load_attribution(cb.artifact_path), rec)
-
-
-def test_buffer_shorter_than_log_interval_no_host_sync(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A 3-row step buffer fills (and is reduced on the device) several times per 7-step logging interval.
-    armed = {"armed": False}
-    _guard_host_copies(monkeypatch, armed)
-
-    class Arm(pl.Callback):
-        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
-            armed["armed"] = not is_logging_step(trainer, 7)
-
-    class Disarm(pl.Callback):
-        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
-            armed["armed"] = False
-
-    cb, rec = LayerAttributionCallback(log_every_n_steps=7, reference_batches=0), GradRecorder()
-    cb._buffer_rows = 3
-    logger = TensorBoardLogger(tmp_path, name="tb")
-    flushes = []
-    flush = cb._flush
-    monkeypatch.setattr(cb, "_flush", lambda: (flushes.append(cb._n_buffered), flush())[1])
-    kwargs = trainer_kwargs(tmp_path, max_epochs=3, limit_train_batches=8, logger=logger)
-    pl.Trainer(**kwargs, callbacks=[Arm(), cb, Disarm(), rec]).fit(TinyModel(), make_loader())
-    assert max(flushes) == 3 and len(rec.steps) == 24  # full buffers reduced mid-interval
-    art = load_attribution(cb.artifact_path)
-    assert art.total.count == 24
-    _check_artifact_against(art, rec)
-    scalars = read_scalars(logger.log_dir)
-    for group in ["body", "head", None]:
-        logged = scalars[f"grad_norm/{group or 'total'}"]
-        expected = _expected_logged(rec, group, every=7)
-        assert [s for s, _ in logged] == [s for s, _ in expected] == [0, 6, 13, 20]
-        assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-5)
-
-
-def test_resume_mid_buffer_is_exact(tmp_path: Any) -> None:
-    # Every batch is the same, so a mid-epoch resume (Lightning restarts the DataLoader) sees the same gradients.
-    # The checkpoint at step 6 is written while step 5's row is buffered (last reduced at the log of step 4).
-    x = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
-    data = torch.utils.data.TensorDataset(x.repeat(4, 1), (x[:, 0] > 0).long().repeat(4))
-
-    def run(name: str, ckpt_path: Any = None, **kwargs: Any) -> tuple[LayerAttributionCallback, dict[str, Any]]:
-        cb = LayerAttributionCallback(log_every_n_steps=5, reference_batches=0, dirpath=tmp_path / name)
-        cb._buffer_rows = 4
-        logger = TensorBoardLogger(tmp_path / name, name="tb")
-        callbacks = [cb, *kwargs.pop("callbacks", [])]
-        kwargs = trainer_kwargs(tmp_path / name, max_epochs=3, logger=logger, callbacks=callbacks, **kwargs)
-        torch.manual_seed(0)
-        pl.Trainer(**kwargs).fit(TinyModel(), DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
-        return cb, read_scalars(logger.log_dir)
-
-    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
-    plain, plain_scalars = run("plain")
-    straight, straight_scalars = run("straight", callbacks=[ckpt], enable_checkpointing=True)
-    resumed, resumed_scalars = run("resumed", ckpt_path=tmp_path / "ckpt" / "epoch=1-step=6.ckpt")
-    a, b, c = (load_attribution(cb.artifact_path).to_dict() for cb in (plain, straight, resumed))
-    assert a["total"]["count"] == 12 and a["history"]["epochs"] == [0, 1, 2]
-    assert a == b == c  # bit for bit, wherever the rows were reduced
-    assert plain_scalars == straight_scalars
-    for tag, points in resumed_scalars.items():
-        if tag.startswith("grad_norm/"):
-            assert points == [(s, v) for s, v in straight_scalars[tag] if s >= 6]

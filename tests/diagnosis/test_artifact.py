@@ -6,11 +6,17 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
-import torch
 
+from lightning_beta.artifact import (
+    AttributionArtifact,
+    GroupTotals,
+    ReferenceStats,
+    artifact_from_dict,
+    load_attribution,
+    save_attribution,
+)
 from lightning_beta.callbacks.layer_attribution import LayerAttributionCallback
-from lightning_beta.diagnosis import AttributionArtifact, GroupTotals, ReferenceStats, load_attribution
-from lightning_beta.artifact import heatmap_image, save_attribution
+from lightning_beta.figures import attribution_heatmap, heatmap_rows
 from tests.helpers import TinyModel, make_loader, trainer_kwargs
 
 
@@ -26,6 +32,8 @@ def _artifact(**overrides: Any) -> AttributionArtifact:
         "norm_type": math.inf,
         "reference": {"head": ReferenceStats([0.0, 1.0], [1.0, 2.0], 16)},
         "reference_skipped": ["body"],
+        "interval_steps": [3, 7],
+        "interval_history": [[1.0, 0.5], [2.0, None]],
     }
     kwargs.update(overrides)
     return AttributionArtifact(**kwargs)
@@ -45,7 +53,7 @@ def test_fit_artifact_round_trips(tmp_path: Any) -> None:
     assert cb.artifact is not None and cb.artifact_path is not None
     loaded = load_attribution(cb.artifact_path)
     assert loaded == cb.artifact
-    assert json.loads(cb.artifact_path.read_text())["schema_version"] == 1
+    assert json.loads(cb.artifact_path.read_text())["schema_version"] == 2
     assert loaded.parameters["head"] == ["head.weight", "head.bias"]
     assert loaded.history_tensor().shape == (2, 2)
 
@@ -62,15 +70,25 @@ def test_ranking_and_size_normalisation() -> None:
     )
 
 
-def test_heatmap_image() -> None:
-    image = heatmap_image(torch.tensor([[1.0, 10.0], [100.0, float("nan")]]), cell=3)
-    assert image.shape == (6, 6, 3) and image.dtype == torch.uint8
-    assert image[0, 0].tolist() == [68, 1, 84]  # smallest: the dark end of the colormap
-    assert image[3, 0].tolist() == [253, 231, 37]  # largest: yellow
-    assert image[3, 3].tolist() == [128, 128, 128]  # missing: grey
-    flat = heatmap_image(torch.full((1, 2), 3.0), cell=1)
-    assert flat[0, 0].tolist() == flat[0, 1].tolist()
-    assert _artifact().heatmap(cell=2).shape == (4, 4, 3)
+def test_version_1_artifacts_are_still_read() -> None:
+    # Version 1 had no "intervals"; everything else is read as before.
+    data = _artifact().to_dict()
+    del data["intervals"]
+    old = artifact_from_dict({**data, "schema_version": 1})
+    assert old.interval_steps == [] and old.interval_history == []
+    assert old.totals == _artifact().totals and old.history == _artifact().history
+
+
+def test_heatmap_rows_and_figure() -> None:
+    art = _artifact()
+    assert heatmap_rows(art) == ("epoch", ["0", "1"], [[1.0, 2.0], [0.5, None]])
+    one_epoch = _artifact(history_epochs=[0], history=[[1.0, 0.5]], history_total=[1.1])
+    assert heatmap_rows(one_epoch) == ("optimizer step", ["3", "7"], [[1.0, 2.0], [0.5, None]])
+    ax, bar = attribution_heatmap(art, title="t").axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["body", "head"]
+    assert ax.get_title() == "t" and bar.get_ylabel() == "log10 mean gradient Linf norm"
+    values = ax.images[0].get_array()
+    assert values[0].tolist() == [0.0, pytest.approx(math.log10(2.0))] and bool(values.mask[1, 1])
 
 
 def test_writer_is_atomic_and_refuses_nan(tmp_path: Any) -> None:
@@ -95,7 +113,8 @@ def _write(tmp_path: Any, data: Any) -> Any:
         (lambda d: [1, 2], "expected a JSON object, got list"),
         (lambda d: {"metrics": {}}, r"missing key\(s\) \['schema_version', 'kind'"),
         (lambda d: {**d, "kind": "checkpoint"}, "`kind` is 'checkpoint'"),
-        (lambda d: {**d, "schema_version": 99}, "has schema_version 99; this release reads 1"),
+        (lambda d: {**d, "schema_version": 99}, "has schema_version 99; this release reads 1 and 2"),
+        (lambda d: {**d, "intervals": {"steps": [1], "mean": []}}, "`intervals` must have one row of 2 values"),
         (lambda d: {**d, "groups": [{"name": "body"}]}, "malformed field"),
         (lambda d: {**d, "history": {**d["history"], "mean": [[1.0], [2.0, 3.0]]}}, "one row of 2 values per epoch"),
         (lambda d: {**d, "totals": {"body": d["totals"]["body"]}}, r"`totals` names \['body'\]"),

@@ -182,7 +182,7 @@ CASES: list[Case] = [
     Case(L, 'filename="runs/a.json"', ValueError, "`filename` must be a non-empty file name without a directory, got 'runs/a.json'", lambda t: LayerAttributionCallback(filename="runs/a.json")),
     Case(L, "fit with a module named total", MisconfigurationException, "LayerAttributionCallback: a layer group is named 'total', which clashes with the `grad_norm/total` key. Pass `group_by` as a dict to name the groups.", _fit([LayerAttributionCallback()], HasTotal)),
     Case(L, "fit under FSDPStrategy", MisconfigurationException, "LayerAttributionCallback does not support the sharded strategy FSDPStrategy: each rank holds only a shard of each gradient, so its norms would be wrong. Use DDP or a single device.", lambda t: check_strategy(FSDPStrategy())),
-    Case(L, "load_state_dict of version 0", ValueError, "LayerAttributionCallback state has version 0; this release reads version 1", lambda t: LayerAttributionCallback().load_state_dict({"version": 0})),
+    Case(L, "load_state_dict of version 0", ValueError, "LayerAttributionCallback state has version 0; this release reads version 1. Resume with the release that wrote the checkpoint, or start the fit without it (`ckpt_path=None`).", lambda t: LayerAttributionCallback().load_state_dict({"version": 0})),
     # ---- functional core
     Case("critical_momentum", "lr=nan", ValueError, "learning rate `lr` must be a finite number >= 0, got nan", lambda t: critical_momentum(NAN)),
     Case("critical_momentum", "lr=inf", ValueError, "learning rate `lr` must be a finite number >= 0, got inf", lambda t: critical_momentum(INF)),
@@ -215,7 +215,7 @@ CASES: list[Case] = [
     Case("load_attribution", "[1, 2]", ValueError, "'<path>' is not an attribution artifact: expected a JSON object, got list", _load([1, 2])),
     Case("load_attribution", "{}", ValueError, "'<path>' is not an attribution artifact: missing key(s) ['schema_version', 'kind', 'complete', 'groups', 'history', 'totals', 'total']", _load({})),
     Case("load_attribution", '"kind": "checkpoint"', ValueError, "'<path>' is not an attribution artifact: `kind` is 'checkpoint', expected 'lightning_beta.layer_attribution'", _load({**_artifact(), "kind": "checkpoint"})),
-    Case("load_attribution", '"schema_version": 0', ValueError, "'<path>' has schema_version 0; this release reads 1", _load({**_artifact(), "schema_version": 0})),
+    Case("load_attribution", '"schema_version": 0', ValueError, "'<path>' has schema_version 0; this release reads 1 and 2", _load({**_artifact(), "schema_version": 0})),
     Case("load_attribution", "a group without n_params", ValueError, "'<path>' is not an attribution artifact: malformed field (KeyError: 'n_params')", _load({**_artifact(), "groups": [{"name": "body"}]})),
     Case("load_attribution", "a history row of the wrong length", ValueError, "'<path>' is not an attribution artifact: `history` must have one row of 2 values per epoch", _load({**_artifact(), "history": {"epochs": [0], "mean": [[1.0]], "total": [1.0]}})),
     Case("load_attribution", "totals of other groups", ValueError, "'<path>' is not an attribution artifact: `totals` names ['body'] but `groups` names ['body', 'head']", _load({**_artifact(), "totals": {"body": _artifact()["totals"]["body"]}})),
