@@ -129,3 +129,25 @@ def test_06_cifar10_loading_model_and_wiring(tmp_path):
         cwd=tmp_path,
     )  # fmt: skip
     assert "done: tensorboard --logdir" in out
+
+
+@pytest.mark.slow
+def test_07_transformer_lm(tmp_path):
+    pytest.importorskip("transformers")
+    out = run_example("07_transformer_lm.py", "--out", str(tmp_path / "runs"), cwd=tmp_path)
+    groups = ["model.transformer.wte", "model.transformer.wpe", "model.transformer.h.0", "model.transformer.h.1"]
+    groups.append("model.transformer.ln_f")
+    assert f"layer groups: {groups}" in out
+    assert "tied: model.transformer.wte.weight (group model.transformer.wte) is also model.lm_head.weight" in out
+    before, after = (float(v) for v in out.split("token accuracy ")[1].split()[0:3:2])
+    assert before < 0.1 and after > 0.6  # the toy grammar is learnt in 64 steps
+    from lightning_beta.diagnosis import load_attribution
+
+    (path,) = (tmp_path / "runs").rglob("attribution.json")
+    artifact = load_attribution(path)
+    assert list(artifact.groups) == groups and artifact.total.count == 64
+    assert any(p.name.startswith("events.out.tfevents") for p in path.parent.iterdir())
+    assert "secant curvature by layer group: model.transformer.wte" in out
+    # Token level: 128 validation sequences of 24 predicted tokens each.
+    assert " of 3072\n" in out.split("misclassified tokens: ")[1]
+    assert "## Treat and verify" in out and "flagged: ['transformer." in out
