@@ -424,3 +424,290 @@ def test_nan_lr_is_rejected(tmp_path):
     }
     with pytest.raises(ValueError, match="learning rate `lr` must be a finite number >= 0, got nan"):
         fit(tmp_path, TinyModel(sgd(), sched), [BetaMomentumCallback()])
+
+
+# --- Logging through Lightning: the same schedule, step axis and callback_metrics as the user's `self.log` ---
+
+
+def csv_steps(log_dir, key):
+    import csv
+
+    with open(f"{log_dir}/metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    return {int(row["step"]): float(row[key]) for row in rows if row.get(key) not in (None, "")}
+
+
+@pytest.mark.parametrize("every", [0, 1, 3, 50])
+def test_logged_on_the_steps_of_the_users_self_log(tmp_path, every):
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    tb_logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer, rec = fit(
+        tmp_path,
+        TinyModel(sgd(lr=0.05), cosine_step(120)),
+        [BetaMomentumCallback()],
+        make_loader(n=960),
+        logger=[csv_logger, tb_logger],
+        log_every_n_steps=every,
+        limit_train_batches=120,
+    )
+    csv_logger.finalize("success")
+    user = csv_steps(csv_logger.log_dir, "train_loss") if every else {}
+    ours = csv_steps(csv_logger.log_dir, "beta/momentum") if every else {}
+    expected = [] if every == 0 else [s for s in range(120) if (s + 1) % every == 0]
+    assert sorted(user) == expected  # Lightning's own schedule, 0 = never
+    assert sorted(ours) == sorted(user)
+    scalars = read_scalars(tb_logger.log_dir)
+    assert [s for s, _ in scalars.get("beta/momentum", [])] == sorted(user)
+    used = rec.momenta()
+    for step, value in ours.items():
+        assert value == pytest.approx(used[step], abs=1e-6)
+    if every:
+        assert trainer.callback_metrics["beta/momentum"].item() == pytest.approx(used[expected[-1]], abs=1e-6)
+    else:
+        assert "beta/momentum" not in trainer.callback_metrics
+
+
+class ManualTwoOptimizersLogging(ManualTwoOptimizers):
+    def training_step(self, batch, batch_idx):
+        super().training_step(batch, batch_idx)
+        self.log("user_key", float(batch_idx))
+
+
+def test_manual_two_optimizers_logged_on_the_users_batches(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    _, rec = fit(
+        tmp_path,
+        ManualTwoOptimizersLogging(),
+        [BetaMomentumCallback()],
+        make_loader(n=48),
+        logger=logger,
+        log_every_n_steps=2,
+        limit_train_batches=6,
+    )
+    logger.finalize("success")
+    user = csv_steps(logger.log_dir, "user_key")
+    assert sorted(user) == [1, 3, 5]  # batches, not optimizer steps (global_step reaches 12)
+    assert user == {1: 1.0, 3: 3.0, 5: 5.0}
+    for opt_idx in (0, 1):
+        ours = csv_steps(logger.log_dir, f"beta/momentum/opt{opt_idx}")
+        assert sorted(ours) == sorted(user)
+        used = rec.momenta(optimizer=opt_idx)
+        for batch, value in ours.items():
+            assert value == pytest.approx(used[batch], abs=1e-6)
+
+
+# --- switch_at counts training batches that stepped, also under manual optimization with two optimizers ---
+
+
+@pytest.mark.parametrize(("switch_at", "expected"), [(2, 2), (0.5, 3)])
+def test_switch_at_counts_batches_with_two_manual_optimizers(tmp_path, switch_at, expected):
+    cb = BetaMomentumCallback(switch_at=switch_at, constant_momentum=0.95)
+    _, rec = fit(tmp_path, ManualTwoOptimizers(), [cb], make_loader(n=48), limit_train_batches=6)
+    assert cb.switch_step == expected
+    for opt_idx, floor in ((0, SGD_MOMENTUM_FLOOR), (1, 0.0)):
+        momenta, lrs = rec.momenta(optimizer=opt_idx), rec.lrs(optimizer=opt_idx)
+        assert len(momenta) == 6
+        for batch, (lr, mu) in enumerate(zip(lrs, momenta)):
+            want = 0.95 if batch >= expected else critical_momentum(lr, min_momentum=floor)
+            assert mu == pytest.approx(want), (opt_idx, batch)
+
+
+# --- Dampening and Nesterov ---
+
+
+def test_dampening_enters_the_step_size(tmp_path):
+    # lr 0.04 with dampening 0.75 is heavy ball at 0.04 * 0.25 = 0.01: mu = 1 - 2*sqrt(0.01) = 0.8 (not 0.6).
+    _, rec = fit(tmp_path, TinyModel(sgd(lr=0.04, dampening=0.75)), [BetaMomentumCallback()])
+    assert rec.momenta() == pytest.approx([0.8] * 4)
+    # exact rule at lr 0.09, dampening 5/9: lr_eff = 0.04, (1 - 0.2)**2 = 0.64
+    _, rec = fit(tmp_path, TinyModel(sgd(lr=0.09, dampening=5 / 9)), [BetaMomentumCallback(rule="exact")])
+    assert rec.momenta() == pytest.approx([0.64] * 4)
+
+
+def test_nesterov_warns_once(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, rec = fit(tmp_path, TinyModel(sgd(lr=0.01, nesterov=True)), [BetaMomentumCallback()], max_epochs=2)
+    nesterov = [w for w in caught if "Nesterov" in str(w.message)]
+    assert len(nesterov) == 1
+    assert "assumes heavy-ball momentum" in str(nesterov[0].message)
+    assert rec.momenta() == pytest.approx([0.8] * 8)
+
+
+# --- Registry: wrappers, refusals, registration ---
+
+
+class Lookahead(torch.optim.Optimizer):
+    """Mirrors timm's Lookahead: an Optimizer that shares `base_optimizer.param_groups` and exposes it as
+    `base_optimizer`, stepping the slow weights every k steps."""
+
+    def __init__(self, base_optimizer, alpha=0.5, k=2):
+        self.base_optimizer = base_optimizer
+        self.param_groups = base_optimizer.param_groups
+        self.defaults = base_optimizer.defaults
+        self.state = base_optimizer.state
+        self.alpha, self.k, self.n = alpha, k, 0
+        self.slow = [p.detach().clone() for g in self.param_groups for p in g["params"]]
+
+    def step(self, closure=None):
+        loss = self.base_optimizer.step(closure)
+        self.n += 1
+        if self.n % self.k == 0:
+            params = [p for g in self.param_groups for p in g["params"]]
+            with torch.no_grad():
+                for p, slow in zip(params, self.slow):
+                    slow.add_(p - slow, alpha=self.alpha)
+                    p.copy_(slow)
+        return loss
+
+
+def test_lookahead_base_optimizer_is_unwrapped(tmp_path):
+    from lightning_beta._optim import momentum_slot, unwrap_optimizer
+
+    build = lambda m: Lookahead(torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.5))
+    trainer, rec = fit(tmp_path, TinyModel(build, cosine_step(4)), [BetaMomentumCallback()])
+    assert unwrap_optimizer(trainer.optimizers[0]) is trainer.optimizers[0].base_optimizer
+    assert momentum_slot(trainer.optimizers[0]) == "momentum"
+    assert_critical(rec)
+
+
+def make_lion_class():
+    class Lion(torch.optim.Optimizer):
+        """Mirrors the Lion update: the betas interpolate the update direction."""
+
+        def __init__(self, params, lr=1e-4, betas=(0.9, 0.99)):
+            super().__init__(params, {"lr": lr, "betas": betas})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            loss = closure() if closure is not None else None
+            for group in self.param_groups:
+                beta1, beta2 = group["betas"]
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    buf = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                    p.add_(torch.sign(beta1 * buf + (1 - beta1) * p.grad), alpha=-group["lr"])
+                    buf.mul_(beta2).add_(p.grad, alpha=1 - beta2)
+            return loss
+
+    return Lion
+
+
+def test_lion_is_refused_with_the_registration_way_in(tmp_path):
+    lion_cls = make_lion_class()
+    build = lambda m: lion_cls(m.parameters(), lr=1e-3)
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"optimizer 0 \(Lion\): its betas interpolate the update direction.*"
+        r"lightning_beta.register_momentum\(Lion, slot=\"betas\"\).*on_unsupported=\"warn\"",
+    ):
+        fit(tmp_path, TinyModel(build), [BetaMomentumCallback()])
+    with pytest.warns(UserWarning, match=r"\(Lion\).*register_momentum.*left unchanged"):
+        trainer, _ = fit(tmp_path, TinyModel(build), [BetaMomentumCallback(on_unsupported="warn")])
+    assert trainer.optimizers[0].param_groups[0]["betas"] == (0.9, 0.99)
+
+
+def test_real_adafactor_and_unknown_betas_are_refused(tmp_path):
+    adafactor = lambda m: torch.optim.Adafactor(m.parameters(), lr=0.01)
+    with pytest.raises(MisconfigurationException, match=r"\(Adafactor\): its first moment.*register_momentum"):
+        fit(tmp_path, TinyModel(adafactor), [BetaMomentumCallback()])
+
+    class HomeMade(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {"lr": 0.01, "betas": (0.9, 0.9)})
+
+    with pytest.raises(MisconfigurationException, match=r"\(HomeMade\): the package does not know.*register_momentum"):
+        fit(tmp_path, TinyModel(lambda m: HomeMade(m.parameters())), [BetaMomentumCallback()])
+
+
+def test_register_momentum_lets_the_callback_write(tmp_path):
+    from lightning_beta import register_momentum
+
+    lion_cls = make_lion_class()  # a class of this test only: the registration does not leak into other tests
+    register_momentum(lion_cls, slot="betas")
+    _, rec = fit(tmp_path, TinyModel(lambda m: lion_cls(m.parameters(), lr=0.01)), [BetaMomentumCallback()])
+    assert rec.momenta() == pytest.approx([0.8] * 4)
+
+
+def test_register_momentum_rejects_bad_arguments():
+    from lightning_beta import register_momentum
+
+    with pytest.raises(ValueError, match='`slot` must be "momentum" or "betas", got \'beta\''):
+        register_momentum(torch.optim.SGD, slot="beta")
+    with pytest.raises(TypeError, match="`optimizer_cls` must be an optimizer class, got SGD"):
+        register_momentum(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), slot="momentum")
+
+
+# --- Keys stay the same for the fit when a param group is added mid-run ---
+
+
+def test_added_param_group_keeps_the_keys(tmp_path):
+    class AddHead(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 2:
+                trainer.optimizers[0].add_param_group({"params": pl_module.head.parameters(), "lr": 0.0025})
+
+    build = lambda m: torch.optim.SGD(m.body.parameters(), lr=0.01, momentum=0.9)
+    logger = CSVLogger(tmp_path, name="csv")
+    fit(tmp_path, TinyModel(build), [BetaMomentumCallback(), AddHead()], logger=logger)
+    logger.finalize("success")
+    assert csv_steps(logger.log_dir, "beta/momentum") == pytest.approx({0: 0.8, 1: 0.8, 2: 0.8, 3: 0.8})
+    assert csv_steps(logger.log_dir, "beta/momentum/pg1") == pytest.approx({2: 0.9, 3: 0.9})
+    text = open(f"{logger.log_dir}/metrics.csv").read()
+    assert "beta/momentum/pg0" not in text
+
+
+def test_previous_release_state_resumes_and_derives_the_keys(tmp_path):
+    old = {"version": 1, "switch_step": 3, "crossover_armed": True, "clamp_warned": False}  # no "fit_groups"
+    cb = BetaMomentumCallback(switch_at="crossover", constant_momentum=0.95)
+    cb.load_state_dict(old)
+    assert cb.switch_step == 3 and cb._fit_groups is None
+    cb.on_fit_start(pl.Trainer(logger=False, callbacks=[]), None)  # no optimizers: nothing to name
+    assert cb._fit_groups == []
+    state = cb.state_dict()
+    assert state["version"] == 1 and state["fit_groups"] == []
+    with pytest.raises(ValueError, match="state has version 2; this release reads version 1"):
+        cb.load_state_dict({**state, "version": 2})
+
+
+# --- Tensor lr: the same decisions on the device ---
+
+
+def adam_tensors(lr=0.01):
+    return lambda m: torch.optim.Adam(
+        m.parameters(), lr=torch.tensor(lr), betas=(torch.tensor(0.9), torch.tensor(0.999)), capturable=False
+    )
+
+
+def test_crossover_on_device_switches_at_the_same_step(tmp_path):
+    sched = warmup_cosine(3, 16, start_factor=0.025)
+    host_cb = BetaMomentumCallback(switch_at="crossover", constant_momentum=0.9)
+    _, host = fit(tmp_path / "host", TinyModel(adam(lr=0.04), sched), [host_cb], max_epochs=4)
+    device_cb = BetaMomentumCallback(switch_at="crossover", constant_momentum=0.9)
+    _, device = fit(tmp_path / "device", TinyModel(adam_tensors(lr=0.04), sched), [device_cb], max_epochs=4)
+    assert device_cb.switch_step == host_cb.switch_step is not None
+    assert device.momenta() == pytest.approx(host.momenta(), abs=1e-6)
+    assert device.lrs() == pytest.approx(host.lrs())
+
+
+def test_tensor_lr_frozen_group_keeps_its_tensor_momentum(tmp_path):
+    def build(m):
+        return torch.optim.Adam(
+            [
+                {
+                    "params": m.body.parameters(),
+                    "lr": torch.tensor(0.0),
+                    "betas": (torch.tensor(0.5), torch.tensor(0.9)),
+                },
+                {
+                    "params": m.head.parameters(),
+                    "lr": torch.tensor(0.01),
+                    "betas": (torch.tensor(0.9), torch.tensor(0.9)),
+                },
+            ]
+        )
+
+    _, rec = fit(tmp_path, TinyModel(build), [BetaMomentumCallback(switch_at="crossover")])
+    assert rec.momenta(group=0) == pytest.approx([0.5] * 4)
+    assert rec.momenta(group=1) == pytest.approx([0.8] * 4)
