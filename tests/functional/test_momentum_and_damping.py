@@ -150,3 +150,49 @@ def test_critical_momentum_monotone_and_bounded(a, b, rule):
 def test_float_and_tensor_agree(lr, rule):
     as_tensor = critical_momentum(torch.tensor(lr, dtype=torch.float64), rule=rule)
     assert as_tensor.item() == pytest.approx(critical_momentum(lr, rule=rule), abs=1e-12)
+
+
+# The crossover switch, by hand: (armed, switched, reached) -> (armed, switched) after the step.
+#   not armed, physics above the constant (a warmup that starts above) -> stays unarmed, no switch
+#   not armed, below -> armed;  armed, still below -> armed, no switch;  armed, reached -> switch
+#   already switched stays switched whatever follows
+CROSSOVER = [
+    ((False, False, True), (False, False)),
+    ((False, False, False), (True, False)),
+    ((True, False, False), (True, False)),
+    ((True, False, True), (True, True)),
+    ((True, True, False), (True, True)),
+]
+
+
+@pytest.mark.parametrize(("given", "expected"), CROSSOVER)
+def test_crossover_update_bool_and_tensor_agree(given, expected):
+    from lightning_beta.functional.momentum import crossover_update
+
+    assert crossover_update(*given) == expected
+    out = crossover_update(*(torch.tensor(v) for v in given))
+    assert all(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in out)
+    assert tuple(bool(t) for t in out) == expected
+
+
+def test_crossover_over_a_warmup_and_decay():
+    from lightning_beta.functional.momentum import crossover_update
+
+    # lr 0.001 (physics 0.937 >= 0.9), 0.01 (0.8 < 0.9), 0.004 (0.874), 0.0025 (0.9: reached) -> switch at index 3
+    armed, switched, fired = False, False, []
+    for lr in (0.001, 0.01, 0.004, 0.0025):
+        armed, switched = crossover_update(armed, switched, critical_momentum(lr) >= 0.9 - 1e-12)
+        fired.append(switched)
+    assert fired == [False, False, False, True]
+
+
+def test_dampening_golden():
+    from lightning_beta._optim import effective_lr
+
+    # SGD lr 0.04, dampening 0.75: buf = mu*buf + 0.25*g is heavy ball at 0.01 -> paper 0.8, exact 0.81
+    lr_eff = effective_lr({"lr": 0.04, "dampening": 0.75})
+    assert lr_eff == pytest.approx(0.01)
+    assert critical_momentum(lr_eff) == pytest.approx(0.8)
+    assert critical_momentum(lr_eff, rule="exact") == pytest.approx(0.81)
+    tensor_eff = effective_lr({"lr": torch.tensor(0.04), "dampening": 0.75})
+    assert isinstance(tensor_eff, torch.Tensor) and float(tensor_eff) == pytest.approx(0.01)
