@@ -77,10 +77,12 @@ class BetaMomentumCallback(pl.Callback):
     - Adam's bias correction: torch divides the first moment by ``1 - beta1_t**t`` with the *current* ``beta1_t``,
       while a first moment built with changing betas carries the weight ``1 - prod_s beta1_s``. With a scheduled
       ``beta1`` torch's update is therefore ``(1 - prod_s beta1_s) / (1 - beta1_t**t)`` times the one the betas
-      actually used call for. The callback leaves torch's correction as it is (documented, not corrected: changing
-      it means rewriting the optimizer's state). ``benchmarks/adam_bias_correction.py`` measures the ratio: within
-      1% of 1 after about 50 steps for a decaying lr, but several times 1 on the first steps of a warmup from a
-      small lr (docs/method.md, section 1).
+      actually used call for. The callback leaves torch's correction as it is: this is documented, not corrected
+      (correcting it means rewriting the optimizer's first-moment state every step). Measured by
+      ``benchmarks/adam_bias_correction.py``: a cosine decay from 1e-3 stays within 0.03%; a linear warmup from
+      lr 0 to 1e-3 over 100 steps gives 5.5x on the first step with ``lr > 0``, 2.2x on the fifth, up to 12% less
+      around step 20, and within 1% from the end of the warmup; a warmup from 1e-4 never exceeds 1 (up to 14%
+      less). The over-large steps are taken at the smallest lrs of the warmup (docs/method.md, section 1).
 
     The step unit of ``switch_at`` is the *training batch that stepped*: the x-axis of ``self.log``, the unit of
     ``trainer.estimated_stepping_batches`` and of ``trainer.global_step`` under automatic optimization. Under manual
