@@ -16,8 +16,9 @@ all of them name the same groups the same way.
    parameter-owning children are modules of one class, each made of submodules (transformer blocks, residual
    blocks; ``nn.Sequential(nn.Linear, nn.ReLU, nn.Linear)`` is a layer, not a stack). It gives one group per
    block (``transformer.h.0``, ``blocks.11``), however many blocks it holds. Two or more stacks side by side
-   whose blocks are of one class are *stages* and each stays one group: a ResNet-18 gives ``conv1``, ``bn1``,
-   ``layer1`` .. ``layer4``, ``fc`` (seven groups, as torchvision ResNets are usually grouped).
+   whose blocks are of one class are *stages* and each stays one group: a ResNet-18, whose ``layer1`` ..
+   ``layer4`` each hold two ``BasicBlock``, gives ``conv1``, ``bn1``, ``layer1`` .. ``layer4``, ``fc`` (seven
+   groups, as torchvision ResNets are usually grouped).
 4. **A child holding a stack deeper inside is opened** by rules 2-4 in turn (GPT-2's ``transformer``, BERT's
    ``bert`` and ``bert.encoder``, ``nn.Transformer``'s ``encoder`` and ``decoder``), so the embeddings, the final
    norm and the head beside the blocks get their own groups: a GPT-2 gives ``transformer.wte``,
@@ -27,7 +28,8 @@ all of them name the same groups the same way.
    of its own, is no group). :func:`shared_parameters` lists the ties.
 
 A model that is a single layer (an ``nn.Linear``) gives one group per parameter. Every parameter lands in exactly
-one group; ``"auto"`` and an int depth never leave one over.
+one group; ``"auto"`` and an int depth never leave one over. ``list(group_parameters(model))`` shows the groups
+before a fit; an int depth or a dict of regexes groups otherwise.
 """
 
 from __future__ import annotations
