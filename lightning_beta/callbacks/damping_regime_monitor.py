@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from lightning_beta._checks import check_bool, check_state_version
-from lightning_beta._gradients import grad_scaler, pending_scale
+from lightning_beta._gradients import grad_scaler, is_distributed_tensor, pending_scale
 from lightning_beta._logging import is_logging_step, log_epoch, log_step
 from lightning_beta._optim import (
     effective_lr,
@@ -75,7 +75,10 @@ class DampingRegimeMonitor(pl.Callback):
     the lr and momentum of the param group holding its first parameter. With mini-batches, ``g_t`` and
     ``g_{t-1}`` come from different batches, so the secant also measures gradient noise divided by the step
     length: it is exact on a deterministic quadratic but biased upwards under SGD noise, the more so as the lr
-    (and so the step) shrinks. Read it as a trend, not as the Hessian's spectrum.
+    (and so the step) shrinks. Read it as a trend, not as the Hessian's spectrum. Under FSDP2
+    (``ModelParallelStrategy`` with ``fully_shard`` over the data-parallel mesh) each rank measures its own shards
+    and the squared sums are summed over the ranks in one collective per logging step (and at epoch end), so the
+    curvature is that of the whole tensors; FSDP1 and DeepSpeed, which flatten the parameters, are refused.
 
     Logged metrics (``<g>`` is empty for one param group, else ``/<group name or pgN>``, with ``/optK`` in front
     with several optimizers, as for ``beta/momentum``):
@@ -119,7 +122,7 @@ class DampingRegimeMonitor(pl.Callback):
             ``curvature_decay`` outside ``[0, 1)``.
         TypeError: for arguments of the wrong type.
         MisconfigurationException: at fit start, when ``log=True`` and the Trainer has no logger, or with
-            ``curvature="secant"`` under a strategy that shards parameters (FSDP, DeepSpeed, ModelParallel).
+            ``curvature="secant"`` under a strategy that flattens parameters into shards (FSDP1, DeepSpeed).
 
     Attributes:
         history: one :class:`EpochDamping` per finished epoch and param group, in order.
@@ -215,14 +218,15 @@ class DampingRegimeMonitor(pl.Callback):
         """Hook the optimizers' steps, build the secant estimators and write the TensorBoard layout.
 
         Raises:
-            MisconfigurationException: with ``curvature="secant"`` under a strategy that shards parameters.
+            MisconfigurationException: with ``curvature="secant"`` under FSDP1 or DeepSpeed.
         """
-        if self.secant and is_sharded(trainer.strategy):
-            # Each rank holds a shard of each parameter and gradient: the secant would measure the shard.
+        if self.secant and is_sharded(trainer.strategy) and not _shards_per_parameter(trainer.strategy):
+            # FSDP1 and DeepSpeed flatten the parameters into per-rank buffers: no layer can be measured.
             raise MisconfigurationException(
                 "DampingRegimeMonitor(curvature='secant') does not support the sharded strategy"
                 f" {type(trainer.strategy).__name__}: each rank holds only a shard of each parameter, so the measured"
-                " curvature would be wrong. Use a fixed `curvature` (the default) or DDP."
+                " curvature would be wrong. Use a fixed `curvature` (the default), DDP, or FSDP2"
+                " (`ModelParallelStrategy` with `fully_shard`)."
             )
         self._fit_groups = fit_group_counts(trainer.optimizers)
         for optimizer in trainer.optimizers:
@@ -259,12 +263,14 @@ class DampingRegimeMonitor(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Summarise the epoch: median zeta, its regime, the fraction of steps in each regime."""
+        self._flush()
         self._finish_epoch(trainer, pl_module, log=self.log_enabled)
         if self.secant and self.log_enabled and self.logging_interval == "epoch":
             log_epoch(pl_module, self._layer_metrics(trainer))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the text summary (TensorBoard, rank zero) and release the optimizer hooks."""
+        self._flush()
         self._remove_hooks()
         if not (self.log_enabled and self.history and trainer.is_global_zero):
             return
@@ -338,7 +344,7 @@ class DampingRegimeMonitor(pl.Callback):
             metrics["damping/band_low"] = 1.0 - self.tolerance
             metrics["damping/band_high"] = 1.0 + self.tolerance
         if self.secant:
-            metrics.update(self._layer_metrics(trainer, inner))
+            metrics.update(self._layer_metrics(trainer, inner))  # flushes: a collective under FSDP2, on every rank
         log_step(trainer.lightning_module, metrics)
 
     def _suffix(self, opt_idx: int, n_opts: int, group_idx: int, groups: list[dict[str, Any]]) -> str:
@@ -370,11 +376,21 @@ class DampingRegimeMonitor(pl.Callback):
 
     def _build_secant(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         inners = [unwrap_optimizer(optimizer) for optimizer in trainer.optimizers]
+        named = dict(pl_module.named_parameters())
+        reduce = None
+        if any(is_distributed_tensor(p) for p in named.values()):
+            # FSDP2: each rank reads its shards; their squared sums are summed over ranks once per logging step.
+            strategy = trainer.strategy
+
+            def reduce(tensor: Tensor) -> Tensor:
+                return strategy.reduce(tensor, reduce_op="sum")
+
         by_index = secant_layers(
             group_parameters(pl_module, self.group_by),
-            dict(pl_module.named_parameters()),
+            named,
             [inner.param_groups for inner in inners],
             self.curvature_decay,
+            reduce,
         )
         self._secant = {id(inners[idx]): entry for idx, entry in by_index.items()}
         if self._secant_state is not None:
@@ -384,10 +400,16 @@ class DampingRegimeMonitor(pl.Callback):
         if not self._secant:
             rank_zero_warn("DampingRegimeMonitor: `curvature='secant'` found no trainable parameter to measure.")
 
-    def layer_curvature(self) -> dict[str, float]:
-        """The current secant curvature of each layer group (NaN until measured); empty unless ``"secant"``.
+    def _flush(self) -> None:
+        # Every rank reaches the same hooks at the same step, so under FSDP2 the collectives match.
+        for estimator, _ in self._secant.values():
+            estimator.flush()
 
-        Copies the estimates to the host: call it between steps, not from a per-step hook.
+    def layer_curvature(self) -> dict[str, float]:
+        """The secant curvature of each layer group (NaN until measured); empty unless ``"secant"``.
+
+        Copies the estimates to the host: call it between steps, not from a per-step hook. Under FSDP2 it is the
+        estimate as of the last logging step, epoch end or fit end (the ranks' sums are reduced then).
         """
         out: dict[str, float] = {}
         for estimator, _ in self._secant.values():
@@ -402,6 +424,7 @@ class DampingRegimeMonitor(pl.Callback):
             if (inner is not None and candidate is not inner) or id(candidate) not in self._secant:
                 continue
             estimator, group_of = self._secant[id(candidate)]
+            estimator.flush()
             lams = estimator.curvature.tolist()  # the host copy of a logging step: unmeasured layers are left out
             for layer, lam, group_idx in zip(estimator.names, lams, group_of):
                 if math.isnan(lam):
@@ -471,6 +494,7 @@ class DampingRegimeMonitor(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         secant = None
         if self._secant:
+            self._flush()  # Lightning dumps the callbacks' state on every rank
             states = [estimator.state_dict() for estimator, _ in self._secant.values()]
             secant = {
                 "names": [n for s in states for n in s["names"]],  # type: ignore[attr-defined]
@@ -501,6 +525,11 @@ class DampingRegimeMonitor(pl.Callback):
         self._last_step = int(state_dict["last_step"])
         self._reported = set(state_dict["reported"])
         self._secant_state = state_dict["secant"]
+
+
+def _shards_per_parameter(strategy: Any) -> bool:
+    """Whether the strategy keeps each parameter as a tensor of its own (FSDP2's ``ModelParallelStrategy``)."""
+    return any(cls.__name__ == "ModelParallelStrategy" for cls in type(strategy).__mro__)
 
 
 def _label(suffix: str, groups: list[dict[str, Any]], group_idx: int) -> str:

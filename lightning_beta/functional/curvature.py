@@ -10,12 +10,13 @@ optimizers' param groups, and :func:`layer_zeta` gives the damping ratio of each
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_beta._gradients import local_tensor
 from lightning_beta.functional.damping import damping_ratio
 
 
@@ -25,6 +26,31 @@ def check_decay(decay: float, name: str = "decay") -> None:
         raise TypeError(f"`{name}` must be a float, got {type(decay).__name__}")
     if not (0.0 <= decay < 1.0):
         raise ValueError(f"`{name}` must be in [0, 1), got {decay}")
+
+
+def group_sq_sums(tensors: Sequence[Tensor], index: Tensor, n_groups: int) -> Tensor:
+    """Sum of squared entries of each group of a flat list of tensors, without a host sync.
+
+    Sums of shards add up to the sum of the whole tensor, so under a sharded strategy the ranks' sums are reduced
+    (summed) before the square root.
+
+    Args:
+        tensors: the tensors, e.g. the gradients of every parameter.
+        index: int64 tensor of ``len(tensors)`` group indices in ``[0, n_groups)``, on the tensors' device.
+        n_groups: number of groups.
+
+    Returns:
+        A float32 tensor of shape ``(n_groups,)`` (0 for a group with no tensor).
+
+    Example:
+        >>> group_sq_sums([torch.tensor([3.0]), torch.tensor([4.0]), torch.tensor([1.0])], torch.tensor([0, 0, 1]), 2)
+        tensor([25.,  1.])
+    """
+    out = torch.zeros(n_groups, dtype=torch.float32, device=index.device)
+    if len(tensors) == 0:
+        return out
+    norms = torch.stack([n.to(torch.float32) for n in torch._foreach_norm(list(tensors))])
+    return out.index_add_(0, index, norms.square())
 
 
 def group_norms(tensors: Sequence[Tensor], index: Tensor, n_groups: int) -> Tensor:
@@ -43,12 +69,7 @@ def group_norms(tensors: Sequence[Tensor], index: Tensor, n_groups: int) -> Tens
         >>> group_norms([torch.tensor([3.0]), torch.tensor([4.0]), torch.tensor([1.0])], torch.tensor([0, 0, 1]), 2)
         tensor([5., 1.])
     """
-    device = index.device
-    out = torch.zeros(n_groups, dtype=torch.float32, device=device)
-    if len(tensors) == 0:
-        return out
-    norms = torch.stack([n.to(torch.float32) for n in torch._foreach_norm(list(tensors))])
-    return out.index_add_(0, index, norms.square()).sqrt_()
+    return group_sq_sums(tensors, index, n_groups).sqrt_()
 
 
 def secant_curvature(grad_change: Tensor, step_size: Tensor, fallback: Tensor | None = None) -> Tensor:
@@ -121,9 +142,17 @@ class SecantCurvature:
     gradients, parameters unchanged) gives an undefined ratio on both of its pairs, which leaves the average
     unchanged.
 
+    Sharded parameters (FSDP2 ``DTensor``): each rank reads its own shard, and the squared sums of the shards add
+    up over ranks to those of the whole tensors. Given ``reduce`` (a sum over ranks), the per-step squared sums
+    wait on the device and :meth:`flush` reduces them all in one collective and folds them into the average in
+    step order; every rank must call :meth:`observe` and :meth:`flush` at the same steps. Without ``reduce`` each
+    reading is folded at once.
+
     Args:
         groups: group name to its parameters. Every parameter belongs to one group.
         decay: EMA weight of the past estimate, in ``[0, 1)``; 0 keeps the last secant. Defaults to ``0.9``.
+        reduce: sums a tensor over the ranks that hold the shards (e.g. ``strategy.reduce(t, reduce_op="sum")``),
+            for sharded parameters. Defaults to ``None`` (whole tensors: no reduction).
 
     Raises:
         ValueError: if ``groups`` is empty, a group has no parameter, or ``decay`` is outside ``[0, 1)``.
@@ -141,7 +170,12 @@ class SecantCurvature:
         tensor([4.])
     """
 
-    def __init__(self, groups: Mapping[str, Sequence[Tensor]], decay: float = 0.9) -> None:
+    def __init__(
+        self,
+        groups: Mapping[str, Sequence[Tensor]],
+        decay: float = 0.9,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
         check_decay(decay)
         if not groups:
             raise ValueError("`groups` must name at least one parameter group")
@@ -154,12 +188,17 @@ class SecantCurvature:
             self.params.extend(params)
             members.extend([idx] * len(params))
         self.decay = float(decay)
-        device = self.params[0].device
+        self._reduce = reduce
+        locals_ = [local_tensor(p.detach()) for p in self.params]
+        device = locals_[0].device
         self._index = torch.tensor(members, dtype=torch.long, device=device)
         self._members = members
         n = len(self.names)
-        self._grads = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
-        self._thetas = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self._grads = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in locals_]
+        self._thetas = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in locals_]
+        # Sharded: squared sums (change, step) per reading, waiting for one reduction at `flush`.
+        self._waiting = torch.empty((8, 2, n), dtype=torch.float32, device=device)
+        self._n_waiting = 0
         self.curvature = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
         self.count = torch.zeros(n, dtype=torch.float32, device=device)
         # Host-side: whether the buffers hold the previous reading of each group. Python state only.
@@ -198,31 +237,67 @@ class SecantCurvature:
         complete = self._complete_groups()
         measure = [c and p for c, p in zip(complete, self._paired)]
         n = len(self.names)
+        squares: Tensor | None = None
         if any(measure):
             idx, index, mask = self._pattern(measure)
             grads_prev = [self._grads[i] for i in idx]
             thetas_prev = [self._thetas[i] for i in idx]
-            grads = [self.params[i].grad.detach() for i in idx]  # type: ignore[union-attr]
-            params = [self.params[i].detach() for i in idx]
             if scale is not None:
                 torch._foreach_mul_(grads_prev, scale)  # back to the units of this step's scaled gradients
-            torch._foreach_sub_(grads_prev, grads)  # (scale *) (g_{t-1} - g_t)
-            change = group_norms(grads_prev, index, n)
+            torch._foreach_sub_(grads_prev, self._local_grads(idx))  # (scale *) (g_{t-1} - g_t)
+            change = group_sq_sums(grads_prev, index, n)
             if scale is not None:
-                change = change / scale
-            torch._foreach_sub_(thetas_prev, params)  # theta_{t-1} - theta_t
-            step = group_norms(thetas_prev, index, n)
-            nan = torch.full_like(change, float("nan"))
-            lam = torch.where(mask, secant_curvature(change, step), nan)
-            ema_update_(self.curvature, lam, self.decay, self.count)
+                change = change / scale.square()
+            torch._foreach_sub_(thetas_prev, self._local_params(idx))  # theta_{t-1} - theta_t
+            squares = torch.where(mask, torch.stack([change, group_sq_sums(thetas_prev, index, n)]), float("nan"))
+        if self._reduce is None:
+            if squares is not None:
+                self._fold(squares)
+        else:
+            # A row for every reading, measured or not, so that every rank reduces the same shape.
+            self._wait(squares if squares is not None else torch.full((2, n), float("nan"), device=self._index.device))
         idx = self._pattern(complete)[0]
         if idx:
             grads_now = [self._grads[i] for i in idx]
-            torch._foreach_copy_(grads_now, [self.params[i].grad.detach() for i in idx])  # type: ignore[union-attr]
+            torch._foreach_copy_(grads_now, self._local_grads(idx))
             if scale is not None:
                 torch._foreach_div_(grads_now, scale)
-            torch._foreach_copy_([self._thetas[i] for i in idx], [self.params[i].detach() for i in idx])
+            torch._foreach_copy_([self._thetas[i] for i in idx], self._local_params(idx))
         self._paired = complete
+
+    def _local_grads(self, idx: list[int]) -> list[Tensor]:
+        return [local_tensor(self.params[i].grad.detach()) for i in idx]  # type: ignore[union-attr]
+
+    def _local_params(self, idx: list[int]) -> list[Tensor]:
+        return [local_tensor(self.params[i].detach()) for i in idx]
+
+    def _fold(self, squares: Tensor) -> None:
+        """Fold one reading's squared sums ``(2, n_groups)`` (NaN where not measured) into the average."""
+        lam = secant_curvature(squares[0].sqrt(), squares[1].sqrt())
+        ema_update_(self.curvature, lam, self.decay, self.count)
+
+    def _wait(self, squares: Tensor) -> None:
+        if self._n_waiting == self._waiting.shape[0]:
+            grown = torch.empty(
+                (2 * self._n_waiting, *self._waiting.shape[1:]), dtype=torch.float32, device=self._waiting.device
+            )
+            grown[: self._n_waiting].copy_(self._waiting)
+            self._waiting = grown
+        self._waiting[self._n_waiting].copy_(squares)
+        self._n_waiting += 1
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Reduce the waiting squared sums over the ranks (one collective) and fold them in, in step order.
+
+        A no-op without ``reduce`` or with nothing waiting. Under sharding, every rank calls it at the same step.
+        """
+        if self._reduce is None or self._n_waiting == 0:
+            return
+        summed = self._reduce(self._waiting[: self._n_waiting].clone())
+        for row in summed:
+            self._fold(row)
+        self._n_waiting = 0
 
     def state_dict(self) -> dict[str, object]:
         """The estimate (CPU tensors); the buffers are not saved, so the pairing restarts after a resume."""
@@ -245,6 +320,7 @@ def secant_layers(
     named_parameters: Mapping[str, Tensor],
     param_groups: Sequence[Sequence[Mapping[str, Any]]],
     decay: float = 0.9,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[int, tuple[SecantCurvature, list[int]]]:
     """One :class:`SecantCurvature` per optimizer over the layer groups whose trainable parameters it holds.
 
@@ -256,6 +332,7 @@ def secant_layers(
         named_parameters: parameter name to parameter.
         param_groups: each optimizer's ``param_groups``.
         decay: EMA weight of the past estimate. Defaults to ``0.9``.
+        reduce: the sum over ranks of sharded parameters (see :class:`SecantCurvature`). Defaults to ``None``.
 
     Returns:
         Optimizer index to ``(estimator, param group index of each of its layer groups)``; optimizers holding no
@@ -285,7 +362,7 @@ def secant_layers(
                 chosen[layer] = params
                 group_of.append(owner[id(params[0])])
         if chosen:
-            out[opt_idx] = (SecantCurvature(chosen, decay), group_of)
+            out[opt_idx] = (SecantCurvature(chosen, decay, reduce), group_of)
     return out
 
 

@@ -159,3 +159,45 @@ def test_estimator_state_round_trip() -> None:
     assert other.curvature[0].item() == pytest.approx(6.0)
     assert torch.isnan(other.curvature[1])
     assert other.count.tolist() == [2.0, 0.0]
+
+
+def _flush_together(ranks: list[SecantCurvature]) -> None:
+    """What an all-reduce (sum) over two ranks does at a flush: each rank adds the other's waiting sums."""
+    waiting = [est._waiting[: est._n_waiting].clone() for est in ranks]
+    for est, other in zip(ranks, reversed(waiting)):
+        est._reduce = lambda t, other=other: t + other
+        est.flush()
+
+
+def test_sharded_estimators_reduced_match_the_whole_tensors() -> None:
+    """Two "ranks" each hold half of every parameter; their squared sums, summed at flush, give the whole secant."""
+    torch.manual_seed(0)
+    whole = {"a": torch.nn.Parameter(torch.randn(6)), "b": torch.nn.Parameter(torch.randn(4))}
+    lam = {"a": torch.linspace(1.0, 3.0, 6), "b": torch.linspace(5.0, 8.0, 4)}  # not isotropic: the halves differ
+
+    def half(t: torch.Tensor, rank: int) -> torch.Tensor:
+        n = t.numel() // 2
+        return t[rank * n : (rank + 1) * n]
+
+    shards = [{n: torch.nn.Parameter(half(p.detach(), r).clone()) for n, p in whole.items()} for r in range(2)]
+    reference = SecantCurvature({n: [p] for n, p in whole.items()}, decay=0.5)
+    alone = SecantCurvature({n: [p] for n, p in shards[0].items()}, decay=0.5)  # one shard, never reduced
+    ranks = [SecantCurvature({n: [p] for n, p in shard.items()}, decay=0.5, reduce=lambda t: t) for shard in shards]
+    for step in range(5):
+        for name, p in whole.items():
+            p.grad = lam[name] * p.detach()
+        for r, shard in enumerate(shards):
+            for name, p in shard.items():
+                p.grad = half(lam[name], r) * p.detach()
+        for est in (reference, alone, *ranks):
+            est.observe()
+        with torch.no_grad():
+            for p in [*whole.values(), *(p for shard in shards for p in shard.values())]:
+                p -= 0.05 * p.grad
+        if step == 2:  # a logging step: both ranks flush at the same step
+            _flush_together(ranks)
+    _flush_together(ranks)
+    for est in ranks:
+        assert est.curvature.tolist() == pytest.approx(reference.curvature.tolist(), rel=1e-5)
+        assert est.count.tolist() == reference.count.tolist() == [4.0, 4.0]
+    assert alone.curvature.tolist() != pytest.approx(reference.curvature.tolist(), rel=1e-2)
