@@ -27,7 +27,7 @@ from lightning_beta._optim import (
 )
 from lightning_beta._strategies import is_sharded
 from lightning_beta._tensorboard import tensorboard_experiment, write_layout
-from lightning_beta.functional.curvature import SecantCurvature, check_decay, layer_zeta, secant_layers
+from lightning_beta.functional.curvature import SecantCurvature, check_decay, layer_metrics, secant_layers
 from lightning_beta.functional.damping import check_tolerance, classify_regime, damping_ratio
 from lightning_beta.functional.epoch_damping import EpochDamping, StepValues, epoch_metrics, summarize_epoch
 from lightning_beta.functional.epoch_damping import summary_table as _summary_table
@@ -425,18 +425,7 @@ class DampingRegimeMonitor(pl.Callback):
                 continue
             estimator, group_of = self._secant[id(candidate)]
             estimator.flush()
-            lams = estimator.curvature.tolist()  # the host copy of a logging step: unmeasured layers are left out
-            for layer, lam, group_idx in zip(estimator.names, lams, group_of):
-                if math.isnan(lam):
-                    continue
-                metrics[f"damping/curvature/{layer}"] = lam
-                group = candidate.param_groups[group_idx]
-                slot = read_slot(group)
-                lr = _host(effective_lr(group))
-                if slot is None or lr == 0 or lam <= 0:
-                    continue
-                momentum = _host(read_momentum(group, slot))
-                metrics[f"damping/layer_zeta/{layer}"] = float(layer_zeta(momentum, lr, lam, self.rule))
+            metrics.update(layer_metrics(estimator, group_of, candidate.param_groups, self.rule))
         return metrics
 
     # ---------------------------------------------------------------- per epoch
@@ -536,8 +525,3 @@ def _label(suffix: str, groups: list[dict[str, Any]], group_idx: int) -> str:
     if suffix:
         return suffix.lstrip("/")
     return str(groups[group_idx].get("name") or f"pg{group_idx}")
-
-
-def _host(value: float | Tensor) -> float:
-    """A Python float of an lr or momentum (a host copy for a Tensor: logging steps only)."""
-    return float(value.item()) if isinstance(value, Tensor) else float(value)

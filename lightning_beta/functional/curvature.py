@@ -10,6 +10,7 @@ optimizers' param groups, and :func:`layer_zeta` gives the damping ratio of each
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_beta._gradients import local_tensor
+from lightning_beta._optim import effective_lr, read_momentum, read_slot
 from lightning_beta.functional.damping import damping_ratio
 
 
@@ -384,3 +386,45 @@ def layer_zeta(
     if isinstance(curvature, Tensor) and not isinstance(lr, Tensor):
         lr = torch.as_tensor(lr, dtype=curvature.dtype, device=curvature.device)
     return damping_ratio(momentum, lr * curvature, 1.0, rule)
+
+
+def layer_metrics(
+    estimator: SecantCurvature, group_of: Sequence[int], param_groups: Sequence[Mapping[str, Any]], rule: str = "paper"
+) -> dict[str, float]:
+    """The log keys of the measured layers: ``damping/curvature/<layer>`` and ``damping/layer_zeta/<layer>``.
+
+    Copies the estimates to the host once (for logging steps). Layers not measured yet are left out; a layer's
+    ``zeta`` uses the heavy-ball step size and the momentum of the param group ``group_of`` names.
+
+    Args:
+        estimator: the layers' estimator.
+        group_of: the param group index of each of its layers.
+        param_groups: the optimizer's ``param_groups``.
+        rule: ``"paper"`` or ``"exact"``. Defaults to ``"paper"``.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> est = SecantCurvature({"w": [w]})
+        >>> est.curvature.fill_(4.0)
+        tensor([4.])
+        >>> metrics = layer_metrics(est, [0], [{"params": [w], "lr": 0.01, "momentum": 0.9}])
+        >>> {key: round(value, 6) for key, value in metrics.items()}
+        {'damping/curvature/w': 4.0, 'damping/layer_zeta/w': 0.25}
+    """
+    metrics: dict[str, float] = {}
+    for layer, lam, group_idx in zip(estimator.names, estimator.curvature.tolist(), group_of):
+        if math.isnan(lam):
+            continue
+        metrics[f"damping/curvature/{layer}"] = lam
+        group = param_groups[group_idx]
+        slot = read_slot(dict(group))
+        lr = _host(effective_lr(dict(group)))
+        if slot is None or lr == 0 or lam <= 0:
+            continue
+        momentum = _host(read_momentum(dict(group), slot))
+        metrics[f"damping/layer_zeta/{layer}"] = float(layer_zeta(momentum, lr, lam, rule))
+    return metrics
+
+
+def _host(value: float | Tensor) -> float:
+    return float(value.item()) if isinstance(value, Tensor) else float(value)
