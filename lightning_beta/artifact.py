@@ -13,7 +13,8 @@ object)::
     intervals       {"steps": [s, ...], "mean": [[per group] per logging interval]}, of the first
                     epoch (the heatmap of a one-epoch run); new in version 2
     totals          {group: {"mean", "rms", "max", "count", "nonfinite"}}; "total": the same for the whole model
-    reference       {group: {"mean": [per channel], "var": [per channel], "count"}}; "reference_skipped": [groups]
+    reference       {group: {"mean": [per feature], "var": [per feature], "count", "feature_dim"}} (feature_dim 1
+                    when absent); "reference_skipped": [groups]
 
 Norms of steps or epochs with no finite value are ``null``; the JSON never holds NaN or Infinity. Version 1 files
 (no ``intervals``) are still read.
@@ -54,11 +55,17 @@ class GroupTotals:
 
 @dataclass(frozen=True)
 class ReferenceStats:
-    """Per-channel mean and (population) variance of a group module's output on the reference batches."""
+    """Per-feature mean and (population) variance of a group module's output on the reference batches.
+
+    ``feature_dim`` is the dim of the output that indexes features: ``1`` for convolution-type ``(B, C, ...)``
+    outputs, ``-1`` for ``(..., C)`` ones (Linear, attention, transformer blocks); the drift localizer reads the
+    output along the same dim. Artifacts written before it existed recorded dim 1, its default.
+    """
 
     mean: list[float]
     var: list[float]
     count: int
+    feature_dim: int = 1
 
 
 @dataclass(frozen=True)
@@ -231,7 +238,12 @@ def artifact_from_dict(data: Any, source: str = "<dict>") -> AttributionArtifact
         interval_steps = [int(s) for s in intervals["steps"]]
         interval_rows = [[_opt_float(v) for v in row] for row in intervals["mean"]]
         reference = {
-            str(name): ReferenceStats([float(v) for v in r["mean"]], [float(v) for v in r["var"]], int(r["count"]))
+            str(name): ReferenceStats(
+                [float(v) for v in r["mean"]],
+                [float(v) for v in r["var"]],
+                int(r["count"]),
+                int(r.get("feature_dim", 1)),
+            )
             for name, r in data.get("reference", {}).items()
         }
     except (KeyError, TypeError, AttributeError) as err:

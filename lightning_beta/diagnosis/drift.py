@@ -4,6 +4,10 @@ Ours, not the paper's. A fault planted in one group changes the statistics of th
 everything downstream; the gradient score of the misclassified samples does not single it out (see
 ``benchmarks/RESULTS.md``). Scoring each group by the drift it *adds*, drift at its output minus drift at its
 input, puts the group that introduces a fault first.
+
+The statistics are those of :mod:`lightning_beta.reference`, the module ``LayerAttributionCallback`` records its
+reference with: the same inputs (``forward``), the same feature dim (stored in each
+:class:`~lightning_beta.artifact.ReferenceStats`), the same sums (:class:`~lightning_beta.reference.FeatureMoments`).
 """
 
 from __future__ import annotations
@@ -12,21 +16,32 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_beta.diagnosis._batches import iter_batches, model_device
 from lightning_beta.artifact import AttributionArtifact, ReferenceStats
+from lightning_beta.diagnosis._batches import model_device
 from lightning_beta.diagnosis.scores import LayerScores
 from lightning_beta.layer_groups import GroupBy, group_modules, group_parameters, group_sizes
+from lightning_beta.reference import (
+    FeatureDim,
+    Forward,
+    OutputRecorder,
+    default_forward,
+    evaluating,
+    output_tensor,
+    resolve_dims,
+)
 
 Reference = AttributionArtifact | Mapping[str, ReferenceStats]
 
 
 def channel_drift(mean_now: Tensor, var_now: Tensor, mean_ref: Tensor, var_ref: Tensor, eps: float = 1e-3) -> float:
-    r"""Drift of per-channel statistics from a reference, averaged over channels.
+    r"""Drift of per-feature (per-channel) statistics from a reference, averaged over features.
 
-    Per channel ``c``, with ``v = var + eps * mean_c(var_ref)`` (a floor relative to the layer's typical variance,
+    Per feature ``c``, with ``v = var + eps * mean_c(var_ref)`` (a floor relative to the layer's typical variance,
     so near-dead channels do not dominate):
 
     .. math::
@@ -67,115 +82,120 @@ def channel_drift(mean_now: Tensor, var_now: Tensor, mean_ref: Tensor, var_ref: 
     return float(per_channel.mean())
 
 
-class _ChannelStats:
-    """Running per-channel sum, sum of squares and count of a tensor (channel = dim 1, as the callback)."""
-
-    def __init__(self) -> None:
-        self.total: Tensor | None = None
-        self.total_sq: Tensor | None = None
-        self.count = 0
-
-    def add(self, out: Tensor) -> None:
-        x = out.detach().double()
-        x = x.reshape(-1, 1) if x.dim() <= 1 else x.movedim(1, 0).reshape(x.shape[1], -1).T
-        if self.total is None or self.total_sq is None:
-            self.total, self.total_sq = x.sum(0), (x * x).sum(0)
-        else:
-            self.total += x.sum(0)
-            self.total_sq += (x * x).sum(0)
-        self.count += x.shape[0]
-
-    def moments(self) -> tuple[Tensor, Tensor]:
-        assert self.total is not None and self.total_sq is not None  # only called after add
-        mean = self.total / self.count
-        return mean, (self.total_sq / self.count - mean * mean).clamp_min(0)
-
-
-def _first_tensor(value: Any) -> Tensor | None:
-    if isinstance(value, (tuple, list)) and value:
-        value = value[0]
-    return value if isinstance(value, Tensor) and value.is_floating_point() else None
-
-
 def reference_statistics(
-    model: nn.Module, dataloader: Iterable[Any], group_by: GroupBy = "auto"
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    group_by: GroupBy = "auto",
+    feature_dim: FeatureDim = None,
+    forward: Forward | None = None,
 ) -> dict[str, ReferenceStats]:
-    """Per-channel mean and variance of each group's output, in eval mode: a reference for :func:`activation_drift`.
+    """Per-feature mean and variance of each group's output, in eval mode: a reference for :func:`activation_drift`.
 
-    The same statistics ``LayerAttributionCallback`` stores in its artifact, for a model trained without it.
+    The same statistics, measured the same way, as ``LayerAttributionCallback`` stores in its artifact
+    (:func:`lightning_beta.reference.record_reference`), for a model trained without it: ``forward(model, batch)``
+    on every batch in eval mode under ``torch.no_grad()``, a :class:`~lightning_beta.reference.FeatureMoments` per
+    group module, the feature along :func:`~lightning_beta.reference.default_feature_dim` (dim 1 for convolution
+    outputs, the last dim for Linear and transformer outputs) unless ``feature_dim`` says otherwise. The model is left
+    as it was (training flags, buffers).
 
     Args:
         model: the healthy model.
-        dataloader: yields ``(inputs, targets)`` batches (the targets are ignored).
+        dataloader: yields batches; ``forward`` picks the inputs (by default the first element of an
+            ``(inputs, targets)`` tuple, or a Hugging Face dict batch as keyword arguments).
         group_by: layer groups. Defaults to ``"auto"``.
+        feature_dim: the dim of a feature, one int or per group; ``None`` picks it per module. Defaults to ``None``.
+        forward: ``forward(model, batch)``. Defaults to ``None``
+            (:func:`~lightning_beta.reference.default_forward`).
 
     Returns:
-        Group name to its output statistics, for groups that own a module.
+        Group name to its output statistics, for groups that own a module whose output could be read; the others
+        are named, with the reason, in one warning.
 
     Raises:
-        ValueError: if the dataloader yields no samples.
+        ValueError: if the dataloader yields no batch.
     """
     groups = group_parameters(model, group_by)
-    stats, _, _ = _output_pass(model, dataloader, group_modules(model, groups))
+    modules = group_modules(model, groups)
+    recorder = _pass(model, dataloader, modules, resolve_dims(modules, feature_dim), forward)
     out = {}
-    for name, acc in stats.items():
-        mean, var = acc.moments()
-        out[name] = ReferenceStats(mean.cpu().tolist(), var.cpu().tolist(), acc.count)
+    reasons = dict(recorder.reasons)
+    for name, metric in recorder.metrics.items():
+        if name in reasons:
+            continue
+        if metric.num_features == 0:
+            reasons[name] = "its module did not run in the forward pass"
+            continue
+        out[name] = metric.to_reference()
+    if reasons:
+        rank_zero_warn(f"reference_statistics: no statistics for group(s) {_listing(reasons)}")
     return out
 
 
-def _output_pass(
-    model: nn.Module, dataloader: Iterable[Any], modules: Mapping[str, nn.Module], inputs: bool = False
-) -> tuple[dict[str, _ChannelStats], dict[str, str | None], list[str]]:
-    """Output (or input) statistics of each module, its producer among them, and their execution order."""
-    stats = {name: _ChannelStats() for name in modules}
-    producer: dict[str, str | None] = {}
-    order: list[str] = []
+def _listing(reasons: Mapping[str, str]) -> str:
+    return "; ".join(f"{name!r}: {why}" for name, why in reasons.items())
+
+
+def _pass(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    modules: Mapping[str, nn.Module],
+    dims: Mapping[str, int],
+    forward: Forward | None,
+    inputs: bool = False,
+    tracked: Mapping[str, nn.Module] | None = None,
+    producer: dict[str, str | None] | None = None,
+    order: list[str] | None = None,
+) -> OutputRecorder:
+    """One eval pass over the dataloader recording ``dims``' modules; optionally who feeds whom among ``tracked``.
+
+    ``producer`` receives, for each tracked module, the tracked module whose output it receives on the first batch
+    (by tensor identity), else the one that ran just before it; ``order`` their first-batch execution order.
+    """
+    run = forward or default_forward
+    device = model_device(model)
+    recorder = OutputRecorder(modules, dims, device, inputs=inputs)
     live: dict[int, tuple[str, Tensor]] = {}  # first batch only: output tensor id -> producing module
     state: dict[str, Any] = {"first": True, "last": None}
 
     def pre_hook(name: str) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
-            x = _first_tensor(args)
-            if state["first"] and name not in producer:
+            if state["first"] and producer is not None and name not in producer:
+                x = output_tensor(args)
                 found = live.get(id(x)) if x is not None else None
                 producer[name] = found[0] if found is not None and found[1] is x else state["last"]
-            if inputs and x is not None:
-                stats[name].add(x)
 
         return hook
 
     def post_hook(name: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            out = _first_tensor(output)
             if state["first"]:
-                if name not in order:
+                if order is not None and name not in order:
                     order.append(name)
                 state["last"] = name
+                out = output_tensor(output)
                 if out is not None:
                     live[id(out)] = (name, out)
-            if not inputs and out is not None:
-                stats[name].add(out)
 
         return hook
 
     handles = []
-    for name, module in modules.items():
+    for name, module in (tracked or {}).items():
         handles.append(module.register_forward_pre_hook(pre_hook(name)))
         handles.append(module.register_forward_hook(post_hook(name)))
-    was_training = model.training
-    model.eval()
+    empty = True
     try:
-        with torch.no_grad():
-            for x, _ in iter_batches(dataloader, model_device(model)):
-                model(x)
+        with evaluating(model), recorder:
+            for batch in dataloader:
+                empty = False
+                run(model, move_data_to_device(batch, device))
                 state["first"], state["last"] = False, None
                 live.clear()
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
-    return {n: s for n, s in stats.items() if s.count}, producer, order
+    if empty:
+        raise ValueError("`dataloader` yielded no samples: diagnosis needs at least one (inputs, targets) batch")
+    return recorder
 
 
 def activation_drift(
@@ -184,12 +204,14 @@ def activation_drift(
     reference: Reference | None = None,
     group_by: GroupBy = "auto",
     eps: float = 1e-3,
+    forward: Forward | None = None,
 ) -> LayerScores:
     """Score each group by the activation drift it adds: drift at its output minus drift at its input.
 
-    Drift is :func:`channel_drift` of per-channel statistics now (eval mode, over the whole dataloader) against a
-    reference, and a group's score is ``max(0, drift_out - drift_in)``, so the group that introduces a fault ranks
-    above the groups downstream of it that only carry it along. Two kinds of reference:
+    Drift is :func:`channel_drift` of per-feature statistics now (eval mode, over the whole dataloader, along the
+    feature dim the reference recorded) against a reference, and a group's score is ``max(0, drift_out -
+    drift_in)``, so the group that introduces a fault ranks above the groups downstream of it that only carry it
+    along. Two kinds of reference:
 
     - ``reference`` given (an :class:`AttributionArtifact` or its ``reference`` dict, or
       :func:`reference_statistics` of the healthy model): statistics of each group's *output*. The input drift
@@ -204,11 +226,15 @@ def activation_drift(
 
     Args:
         model: the model to examine.
-        dataloader: yields ``(inputs, targets)``; the targets are ignored.
+        dataloader: yields batches; ``forward`` picks the inputs (by default the first element of an
+            ``(inputs, targets)`` tuple, or a Hugging Face dict batch as keyword arguments). The sequence length may
+            differ from the reference's: statistics are per feature.
         reference: output statistics per group, or ``None`` to use BatchNorm running statistics. Defaults to
             ``None``.
         group_by: layer groups. Defaults to ``"auto"``.
         eps: relative variance floor of :func:`channel_drift`. Defaults to ``1e-3``.
+        forward: ``forward(model, batch)``, the same as the reference was recorded with. Defaults to ``None``
+            (:func:`~lightning_beta.reference.default_forward`).
 
     Returns:
         Scores with ``method="drift"`` and the detail columns ``output`` and ``input`` (the two drifts).
@@ -216,7 +242,7 @@ def activation_drift(
     Raises:
         ValueError: if the dataloader is empty; if ``reference`` is ``None`` and the model has no BatchNorm running
             statistics; if the reference comes from a different model (a group the model does not have, other
-            parameter counts, or another number of channels).
+            parameter counts, or another number of features).
 
     Example:
         >>> from torch.utils.data import DataLoader, TensorDataset
@@ -231,15 +257,18 @@ def activation_drift(
     """
     groups = group_parameters(model, group_by)
     sizes = group_sizes(model, groups)
+    reasons: dict[str, str] = {}
     if reference is None:
-        out_drift, in_drift, unobserved = _batchnorm_drift(model, dataloader, groups, eps)
+        out_drift, in_drift, unobserved = _batchnorm_drift(model, dataloader, groups, eps, forward)
     else:
         ref = _check_reference(reference, groups, sizes)
-        out_drift, in_drift, unobserved = _reference_drift(model, dataloader, groups, ref, eps)
+        out_drift, in_drift, unobserved, reasons = _reference_drift(model, dataloader, groups, ref, eps, forward)
     scores = {name: max(0.0, out_drift.get(name, 0.0) - in_drift.get(name, 0.0)) for name in groups}
     message = None
     if unobserved:
         message = f"group(s) {unobserved} have no reference statistics and score 0"
+        if reasons:
+            message += f" ({_listing(reasons)})"
     return LayerScores(
         scores=scores,
         method="drift",
@@ -284,27 +313,32 @@ def _reference_drift(
     groups: Mapping[str, list[str]],
     ref: Mapping[str, ReferenceStats],
     eps: float,
-) -> tuple[dict[str, float], dict[str, float], list[str]]:
+    forward: Forward | None,
+) -> tuple[dict[str, float], dict[str, float], list[str], dict[str, str]]:
     modules = group_modules(model, dict(groups))
-    stats, producer, _ = _output_pass(model, dataloader, modules)
+    dims = {name: ref[name].feature_dim for name in modules if name in ref}
+    producer: dict[str, str | None] = {}
+    recorder = _pass(model, dataloader, modules, dims, forward, tracked=modules, producer=producer)
     out_drift: dict[str, float] = {}
-    for name, acc in stats.items():
-        if name not in ref:
+    for name, metric in recorder.metrics.items():
+        if name in recorder.reasons or metric.num_features == 0:
             continue
-        mean, var = acc.moments()
+        mean, var = metric.moments()
         r = ref[name]
         if len(r.mean) != mean.shape[0] or len(r.var) != mean.shape[0]:
             raise ValueError(
-                f"`reference` was recorded on a different model: group {name!r} has {len(r.mean)} channel(s) in the"
-                f" reference but {mean.shape[0]} in the model's output"
+                f"`reference` was recorded on a different model: group {name!r} has {len(r.mean)} feature(s) (dim"
+                f" {r.feature_dim}) in the reference but {mean.shape[0]} in the model's output"
             )
-        out_drift[name] = channel_drift(mean, var, torch.tensor(r.mean), torch.tensor(r.var), eps)
+        ref_mean, ref_var = (torch.tensor(v, dtype=torch.float64) for v in (r.mean, r.var))  # the JSON's doubles
+        out_drift[name] = channel_drift(mean, var, ref_mean, ref_var, eps)
     in_drift = {}
     for name in out_drift:
         source = producer.get(name)
         in_drift[name] = out_drift.get(source, 0.0) if source is not None else 0.0
     unobserved = [name for name in groups if name not in out_drift]
-    return out_drift, in_drift, unobserved
+    reasons = {name: why for name, why in recorder.reasons.items() if name in unobserved}
+    return out_drift, in_drift, unobserved, reasons
 
 
 def _owner(module_name: str, groups: Mapping[str, list[str]]) -> str | None:
@@ -321,7 +355,7 @@ def _owner(module_name: str, groups: Mapping[str, list[str]]) -> str | None:
 
 
 def _batchnorm_drift(
-    model: nn.Module, dataloader: Iterable[Any], groups: Mapping[str, list[str]], eps: float
+    model: nn.Module, dataloader: Iterable[Any], groups: Mapping[str, list[str]], eps: float, forward: Forward | None
 ) -> tuple[dict[str, float], dict[str, float], list[str]]:
     bns = {
         name: m
@@ -336,13 +370,19 @@ def _batchnorm_drift(
     # Every module with its own parameters may produce a BatchNorm's input; the BatchNorms are the probes.
     producers = {name: m for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None}
     modules = {**producers, **bns}
-    # Input statistics of the BatchNorms are what the running statistics describe; outputs are not needed.
-    stats, producer, order = _output_pass(model, dataloader, modules, inputs=True)
+    # Input statistics of the BatchNorms are what the running statistics describe (channel = dim 1, as BatchNorm).
+    producer: dict[str, str | None] = {}
+    order: list[str] = []
+    dims = dict.fromkeys(bns, 1)
+    recorder = _pass(
+        model, dataloader, bns, dims, forward, inputs=True, tracked=modules, producer=producer, order=order
+    )
     credited: list[tuple[str, float]] = []  # (group, drift) per BatchNorm, in execution order
     for name in order:
-        if name not in bns or name not in stats:
+        metric = recorder.metrics.get(name)
+        if metric is None or name in recorder.reasons or metric.num_features == 0:
             continue
-        mean, var = stats[name].moments()
+        mean, var = metric.moments()
         bn = bns[name]
         assert bn.running_mean is not None and bn.running_var is not None
         drift = channel_drift(mean, var, bn.running_mean, bn.running_var, eps)

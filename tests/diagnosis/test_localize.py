@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_beta.demos.digits import DigitsResNet, load_digits_tensors
 from lightning_beta.diagnosis import (
     AttributionArtifact,
     GroupTotals,
@@ -15,7 +16,6 @@ from lightning_beta.diagnosis import (
     attribute_errors,
     reference_statistics,
 )
-from lightning_beta.demos.digits import DigitsResNet, load_digits_tensors
 
 
 def mlp(seed=0):
@@ -156,7 +156,7 @@ def test_drift_reference_from_another_model(trained_resnet):
     net, data = trained_resnet
     with pytest.raises(ValueError, match=r"different model: it names group\(s\) \['body'\]"):
         activation_drift(net, data, {"body": ReferenceStats([0.0], [1.0], 1)})
-    with pytest.raises(ValueError, match=r"group 'fc' has 3 channel\(s\) in the reference but 10"):
+    with pytest.raises(ValueError, match=r"group 'fc' has 3 feature\(s\) \(dim 1\) in the reference but 10"):
         activation_drift(net, data, {"fc": ReferenceStats([0.0] * 3, [1.0] * 3, 1)})
     total = GroupTotals(1.0, 1.0, 1.0, 1, 0)
     artifact = AttributionArtifact(
