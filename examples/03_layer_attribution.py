@@ -1,8 +1,9 @@
 """LayerAttributionCallback on scikit-learn's handwritten digits: which layer carries the gradient?
 
 A small CNN (conv1, bn1, conv2, bn2, fc) is trained for a few epochs with the callback. It logs
-``grad_norm/<layer>`` to TensorBoard, draws the epoch x layer heatmap and the ranking table, and writes
-``attribution.json``, read back here with ``load_attribution``.
+``grad_norm/<layer>`` (the mean over each of Lightning's logging intervals, ``Trainer(log_every_n_steps=5)``) and
+``grad_norm_epoch/<layer>`` to TensorBoard, draws the layer x epoch heatmap (matplotlib) and the ranking table, and
+writes ``attribution.json`` into the logger's run directory, read back here with ``load_attribution``.
 
 Run: ``python examples/03_layer_attribution.py [--epochs N]``, then
 ``tensorboard --logdir lightning_beta_runs/03_layer_attribution`` (Custom Scalars, Images and Text tabs).
@@ -23,8 +24,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_beta.artifact import load_attribution
 from lightning_beta.callbacks.layer_attribution import LayerAttributionCallback
-from lightning_beta.diagnosis import load_attribution
 
 
 def digits_loader(batch_size: int = 64) -> DataLoader:
@@ -69,9 +70,10 @@ def main() -> None:
     torch.set_num_threads(1)  # a tiny model: more threads only add contention
 
     start = time.perf_counter()
-    attribution = LayerAttributionCallback(log_every_n_steps=5, reference_batches=4)
+    attribution = LayerAttributionCallback(reference_batches=4)
     trainer = pl.Trainer(
         max_epochs=args.epochs,
+        log_every_n_steps=5,
         accelerator="cpu",
         logger=TensorBoardLogger("lightning_beta_runs", name="03_layer_attribution"),
         callbacks=[attribution],
@@ -93,7 +95,8 @@ def main() -> None:
     print("per-epoch mean norm (epochs x groups):")
     print(artifact.history_tensor())
     ref = artifact.reference["bn2"]
-    print(f"reference: bn2 output over {ref.count} positions, channel 0 mean {ref.mean[0]:.3f} var {ref.var[0]:.3f}")
+    print(f"reference: bn2 output over {ref.count} positions, feature 0 mean {ref.mean[0]:.3f} var {ref.var[0]:.3f}")
+    print("heatmap: TensorBoard's Images tab, attribution/heatmap (lightning_beta.figures.attribution_heatmap)")
     print(f"took {time.perf_counter() - start:.1f} s")
 
 

@@ -34,6 +34,18 @@ _STATE_VERSION = 1
 _MAX_INTERVALS = 256
 
 
+@dataclass(frozen=True)
+class _Pattern:
+    """For one set of parameters with a gradient: the device tensors of a step's row, and the groups (host)."""
+
+    index: Tensor
+    #: The row initialiser marking the groups without a gradient as ``ABSENT``; ``None`` when there is none.
+    init: Tensor | None
+    groups: frozenset[int]
+    #: The per-parameter weights of :attr:`_Plan.weight` for these parameters.
+    weight: Tensor | None
+
+
 @dataclass
 class _Plan:
     """For one optimizer: its parameters that belong to a group, their group index, and the index tensors."""
@@ -42,10 +54,10 @@ class _Plan:
     group_of: list[int]
     #: Per-parameter ``1 / copies`` of its gradient's elements over the ranks (sharded strategies), else ``None``.
     weight: Tensor | None = None
-    #: ``present`` (indices into ``params`` with a gradient) -> (group index, row initialiser or ``None``, groups).
-    patterns: dict[tuple[int, ...], tuple[Tensor, Tensor | None, frozenset[int]]] = field(default_factory=dict)
+    #: ``present`` (indices into ``params`` with a gradient) -> its :class:`_Pattern`.
+    patterns: dict[tuple[int, ...], _Pattern] = field(default_factory=dict)
     #: The pattern of the common case, every parameter with a dense gradient (built with the plan).
-    full: tuple[Tensor, Tensor | None, frozenset[int]] | None = None
+    full: _Pattern | None = None
     #: How many parameters the optimizer held when the plan was built; a change (``add_param_group`` mid-run, as
     #: ``BackboneFinetuning`` does) rebuilds the plan.
     n_optimizer_params: int = -1
@@ -229,28 +241,26 @@ class LayerAttributionCallback(pl.Callback):
             return
         plan = self._plan(optimizer, trainer.world_size)
         grads: list[Any] = [param.grad for param in plan.params]
-        pattern, weight = plan.full, plan.weight
+        pattern = plan.full
         # The common case, every parameter with a dense gradient, is one pass in Python and a cached index.
         if any(grad is None or grad.is_sparse for grad in grads):
             present = tuple(i for i, grad in enumerate(grads) if grad is not None)
             grads = [grads[i].coalesce().values() if grads[i].is_sparse else grads[i] for i in present]
             pattern = self._pattern(plan, present)
-            weight = None if plan.weight is None else plan.weight[list(present)]
         if grads:
             assert pattern is not None
             if self._sharded:
                 grads = [local_tensor(grad) for grad in grads]
             powers, scale_row = acc.next_row()
-            index, init, seen = pattern
-            if init is not None:  # some groups have no gradient: marked, the rest start from zero
-                powers.copy_(init)
-            add_group_powers_(powers, grads, index, self.norm_type, weight)
+            if pattern.init is not None:  # some groups have no gradient: marked, the rest start from zero
+                powers.copy_(pattern.init)
+            add_group_powers_(powers, grads, pattern.index, self.norm_type, pattern.weight)
             scale = pending_scale(self._scaler, unwrap_optimizer(optimizer))
             if scale is not None:
                 scale_row.copy_(scale)
             acc.commit()
-            self._interval_seen |= seen
-            self._epoch_seen |= seen
+            self._interval_seen |= pattern.groups
+            self._epoch_seen |= pattern.groups
         if is_logging_step(trainer):
             self._log_interval(trainer, pl_module)
 
@@ -396,14 +406,12 @@ class LayerAttributionCallback(pl.Callback):
             if self._sharded:
                 copies = [_copies(p, world_size) for p, _ in pairs]
                 if any(c != 1 for c in copies):
-                    assert self._acc is not None
-                    weight = torch.tensor([1.0 / c for c in copies], dtype=torch.float32)
-                    plan.weight = weight.to(self._acc.stats.device)
+                    plan.weight = torch.tensor([1.0 / c for c in copies], dtype=torch.float32)  # on the host
             plan.full = self._pattern(plan, tuple(range(len(plan.params))))
             self._plans[id(inner)] = plan
         return plan
 
-    def _pattern(self, plan: _Plan, present: tuple[int, ...]) -> tuple[Tensor, Tensor | None, frozenset[int]]:
+    def _pattern(self, plan: _Plan, present: tuple[int, ...]) -> _Pattern:
         """The group index of the parameters ``present``, the row initialiser marking the groups they miss, the groups.
 
         Built once per pattern (host-to-device copies, no sync); ``None`` for the initialiser when every group is
@@ -420,7 +428,9 @@ class LayerAttributionCallback(pl.Callback):
                 init = torch.zeros(n_groups, dtype=torch.float32)
                 init[missing] = ABSENT
                 init = init.to(device)
-            pattern = (torch.tensor(groups, dtype=torch.long, device=device), init, frozenset(groups))
+            index = torch.tensor(groups, dtype=torch.long, device=device)
+            weight = None if plan.weight is None else plan.weight[torch.tensor(present, dtype=torch.long)].to(device)
+            pattern = _Pattern(index, init, frozenset(groups), weight)
             plan.patterns[present] = pattern
         return pattern
 

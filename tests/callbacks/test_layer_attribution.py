@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lightning_beta._logging import is_logging_step
 from lightning_beta.artifact import load_attribution
 from lightning_beta.callbacks import _attribution_outputs
-from lightning_beta.callbacks.layer_attribution import LayerAttributionCallback, check_strategy
+from lightning_beta.callbacks.layer_attribution import LayerAttributionCallback, _copies, check_strategy
 from lightning_beta.figures import attribution_heatmap
+from lightning_beta.functional.grad_norms import add_group_powers_
 from lightning_beta.layer_groups import group_parameters
 from tests.helpers import SpawnDDP, TinyModel, make_loader, read_scalars, trainer_kwargs
 
@@ -751,3 +752,13 @@ def test_no_cuda_sync_on_non_logging_steps(tmp_path: Any) -> None:
         torch.cuda.set_sync_debug_mode("default")
     assert cb.artifact_path is not None
     _check_artifact_against(load_attribution(cb.artifact_path), rec)
+
+
+def test_copies_weight_a_sum_over_ranks() -> None:
+    # A plain tensor under a sharded strategy is held whole by every rank: its powers count 1/world each.
+    assert _copies(torch.zeros(3), world_size=4) == 4
+    out = torch.zeros(2)
+    add_group_powers_(
+        out, [torch.tensor([3.0, 4.0]), torch.tensor([2.0])], torch.tensor([0, 1]), 2.0, torch.tensor([0.5, 0.25])
+    )
+    assert out.tolist() == [12.5, 1.0]
