@@ -180,7 +180,8 @@ class Record(StepRecorder):
             grad: Any = param.grad
             local = grad.to_local() if hasattr(grad, "to_local") else grad
             self.sharded |= local.numel() < full.numel()
-            powers[name.split(".")[0]] += full.double().pow(2).sum().item()
+            group = name.split(".")[0]  # the top-level child: the layer group of ``group_by="auto"``
+            powers[group] = powers.get(group, 0.0) + full.double().pow(2).sum().item()
         norms = {group: math.sqrt(value) for group, value in powers.items()}
         norms["total"] = math.sqrt(sum(powers.values()))
         self.norms.append({"global_step": trainer.global_step, "norms": norms})

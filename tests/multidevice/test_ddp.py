@@ -7,6 +7,7 @@ recorded on every rank and written to ``records/rank<r>.json`` (a ``ddp_spawn`` 
 to the test process); the callbacks' own outputs are read from what rank zero wrote.
 
 Each ``ddp_spawn`` fit costs several seconds of process start-up, so the runs are tiny (6 optimizer steps) and few.
+Sharded strategies are tested in ``tests/multidevice/test_model_parallel.py`` (CPU) and ``test_sharded_gpu.py``.
 """
 
 from __future__ import annotations
@@ -22,14 +23,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_beta.callbacks.beta_momentum import BetaMomentumCallback
 from lightning_beta.callbacks.damping_regime_monitor import DampingRegimeMonitor
-from lightning_beta.callbacks.layer_attribution import LayerAttributionCallback, check_strategy
+from lightning_beta.callbacks.layer_attribution import LayerAttributionCallback
 from lightning_beta.diagnosis import load_attribution
 from tests.helpers import SpawnDDP, StepRecorder, TinyModel, make_loader, read_scalars, trainer_kwargs
 
@@ -242,58 +241,3 @@ def test_ddp_reference_pass_runs_on_every_rank(tmp_path: Path) -> None:
     _assert_artifacts_close(
         load_attribution(ddp_dir / "attribution.json"), load_attribution(single_dir / "attribution.json")
     )
-
-
-# ------------------------------------------------------------------ sharded strategies
-
-
-def test_fsdp_needs_a_gpu_in_this_lightning() -> None:
-    # Lightning refuses FSDP on CPU when the Trainer is built (and torch's FSDP needs an accelerator device), so the
-    # callbacks cannot be run under FSDP here; docs/multi-device.md lists FSDP as untested.
-    with pytest.raises(ValueError, match="requires a GPU accelerator"):
-        pl.Trainer(strategy="fsdp", accelerator="cpu", devices=2)
-
-
-class FSDPStandInStrategy(SingleDeviceStrategy):
-    """A single-device strategy registered as sharded (``stand_in_is_sharded``), to reach fit start without a GPU."""
-
-
-@pytest.fixture
-def stand_in_is_sharded(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightning_beta._strategies as strategies
-
-    monkeypatch.setattr(strategies, "SHARDED_STRATEGIES", (*strategies.SHARDED_STRATEGIES, FSDPStandInStrategy))
-
-
-def test_attribution_refuses_sharded_strategy_at_fit_start(tmp_path: Path, stand_in_is_sharded: None) -> None:
-    for strategy in [FSDPStrategy(), ModelParallelStrategy()]:
-        with pytest.raises(MisconfigurationException, match=f"sharded strategy {type(strategy).__name__}"):
-            check_strategy(strategy)
-    recorder = StepRecorder()
-    trainer = pl.Trainer(
-        **trainer_kwargs(
-            tmp_path,
-            strategy=FSDPStandInStrategy(torch.device("cpu")),
-            callbacks=[LayerAttributionCallback(), recorder],
-        )
-    )
-    with pytest.raises(MisconfigurationException, match="sharded strategy FSDPStandInStrategy: each rank holds only"):
-        trainer.fit(TinyModel(_sgd), make_loader())
-    assert recorder.steps == []
-
-
-def test_secant_curvature_refuses_sharded_strategy_at_fit_start(tmp_path: Path, stand_in_is_sharded: None) -> None:
-    recorder = StepRecorder()
-    monitor = DampingRegimeMonitor(curvature="secant", log=False)
-    strategy = FSDPStandInStrategy(torch.device("cpu"))
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, strategy=strategy, callbacks=[monitor, recorder]))
-    with pytest.raises(
-        MisconfigurationException, match="DampingRegimeMonitor\\(curvature='secant'\\) does not support"
-    ):
-        trainer.fit(TinyModel(_sgd), make_loader())
-    assert recorder.steps == []
-    # The paper's fixed curvature reads only the param groups' lr and momentum: no shard involved, no refusal.
-    fixed = DampingRegimeMonitor(log=False)
-    strategy = FSDPStandInStrategy(torch.device("cpu"))
-    pl.Trainer(**trainer_kwargs(tmp_path, strategy=strategy, callbacks=[fixed])).fit(TinyModel(_sgd), make_loader())
-    assert len(fixed.history) == 1

@@ -16,11 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_beta.artifact import load_attribution
 from lightning_beta.callbacks.damping_regime_monitor import DampingRegimeMonitor
-from tests.helpers import read_scalars
+from lightning_beta.callbacks.layer_attribution import LayerAttributionCallback, check_strategy
+from tests.helpers import StepRecorder, TinyModel, make_loader, read_scalars, trainer_kwargs
 from tests.multidevice.model_parallel import (
     STEPS_PER_EPOCH,
     SpawnModelParallel,
@@ -33,16 +37,17 @@ from tests.multidevice.model_parallel import (
     fit,
     make_callbacks,
     records,
+    sgd,
 )
 
 STEPS = 2 * STEPS_PER_EPOCH
-pytestmark = pytest.mark.ddp
 
 
 def _prefixed(scalars: dict[str, list[tuple[int, float]]], prefix: str) -> dict[str, list[tuple[int, float]]]:
     return {tag: values for tag, values in scalars.items() if tag.startswith(prefix)}
 
 
+@pytest.mark.ddp
 def test_beta_momentum_writes_the_rule_on_every_rank(tmp_path: Path) -> None:
     log_dir = fit(tmp_path, make_callbacks("beta"), SpawnModelParallel())
     ranks = records(tmp_path)
@@ -55,6 +60,7 @@ def test_beta_momentum_writes_the_rule_on_every_rank(tmp_path: Path) -> None:
     assert_rank_zero_wrote_alone(tmp_path, attribution=False)
 
 
+@pytest.mark.ddp
 def test_damping_monitor_fixed_curvature_logs_the_recomputed_zeta(tmp_path: Path) -> None:
     log_dir = fit(tmp_path, make_callbacks("damping"), SpawnModelParallel())
     ranks = records(tmp_path)
@@ -64,6 +70,7 @@ def test_damping_monitor_fixed_curvature_logs_the_recomputed_zeta(tmp_path: Path
     assert_rank_zero_wrote_alone(tmp_path, attribution=False)
 
 
+@pytest.mark.ddp
 def test_attribution_norms_are_those_of_the_full_gradients(tmp_path: Path) -> None:
     # Each rank sees only its shard of each gradient; the logged norms must be those of the whole gradients.
     log_dir = fit(tmp_path, make_callbacks("attribution"), SpawnModelParallel())
@@ -74,6 +81,7 @@ def test_attribution_norms_are_those_of_the_full_gradients(tmp_path: Path) -> No
     assert_rank_zero_wrote_alone(tmp_path, attribution=True)
 
 
+@pytest.mark.ddp
 def test_all_three_together_match_one_process(tmp_path: Path) -> None:
     sharded_dir = fit(tmp_path / "sharded", make_callbacks("all"), SpawnModelParallel())
     single_dir = fit(tmp_path / "single", make_callbacks("all"))
@@ -101,6 +109,7 @@ def test_all_three_together_match_one_process(tmp_path: Path) -> None:
     assert_rank_zero_wrote_alone(tmp_path / "sharded", attribution=True)
 
 
+@pytest.mark.ddp
 def test_resume_from_a_sharded_checkpoint_matches_a_straight_run(tmp_path: Path) -> None:
     # The straight run is one process: the test above shows it equals the sharded run step for step.
     straight_dir = fit(tmp_path / "straight", make_callbacks("all"))
@@ -138,6 +147,7 @@ def test_resume_from_a_sharded_checkpoint_matches_a_straight_run(tmp_path: Path)
     assert_rank_zero_wrote_alone(tmp_path / "resumed", attribution=True)
 
 
+@pytest.mark.ddp
 def test_secant_curvature_matches_one_process(tmp_path: Path) -> None:
     # The secant curvature needs norms of parameter and gradient changes: under sharding, of the whole tensors.
     sharded_dir = fit(tmp_path / "sharded", [DampingRegimeMonitor(curvature="secant")], SpawnModelParallel())
@@ -149,3 +159,54 @@ def test_secant_curvature_matches_one_process(tmp_path: Path) -> None:
         assert [s for s, _ in sharded[tag]] == [s for s, _ in values], tag
         assert [v for _, v in sharded[tag]] == pytest.approx([v for _, v in values], rel=1e-4), tag
     assert_rank_zero_wrote_alone(tmp_path / "sharded", attribution=False)
+
+
+# ------------------------------------------------------------------ flat-sharded strategies: refused, one process
+
+
+def test_fsdp_needs_a_gpu_in_this_lightning() -> None:
+    # Lightning refuses FSDP (FSDP1) on CPU when the Trainer is built (and torch's FSDP1 needs an accelerator device),
+    # so FSDP1 is tested only in tests/multidevice/test_sharded_gpu.py, on two GPUs.
+    with pytest.raises(ValueError, match="requires a GPU accelerator"):
+        Trainer(strategy="fsdp", accelerator="cpu", devices=2)
+
+
+class FlatShardStandIn(SingleDeviceStrategy):
+    """A single-device strategy taken for a flat-sharding one (``flat_sharded`` fixture), to reach fit start on CPU."""
+
+
+@pytest.fixture
+def flat_sharded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_beta._strategies as strategies
+
+    types = strategies.sharded_strategy_types()
+    monkeypatch.setattr(strategies, "sharded_strategy_types", lambda: (*types, FlatShardStandIn))
+
+
+def test_attribution_refuses_flat_sharded_strategies_at_fit_start(tmp_path: Path, flat_sharded: None) -> None:
+    with pytest.raises(MisconfigurationException, match="sharded strategy FSDPStrategy"):
+        check_strategy(FSDPStrategy())
+    check_strategy(ModelParallelStrategy())  # FSDP2: supported, tested above
+    recorder = StepRecorder()
+    strategy = FlatShardStandIn(torch.device("cpu"))
+    trainer = Trainer(**trainer_kwargs(tmp_path, strategy=strategy, callbacks=[LayerAttributionCallback(), recorder]))
+    with pytest.raises(MisconfigurationException, match="sharded strategy FlatShardStandIn: each rank holds only"):
+        trainer.fit(TinyModel(sgd), make_loader())
+    assert recorder.steps == []
+
+
+def test_secant_curvature_refuses_flat_sharded_strategies_at_fit_start(tmp_path: Path, flat_sharded: None) -> None:
+    recorder = StepRecorder()
+    monitor = DampingRegimeMonitor(curvature="secant", log=False)
+    strategy = FlatShardStandIn(torch.device("cpu"))
+    trainer = Trainer(**trainer_kwargs(tmp_path, strategy=strategy, callbacks=[monitor, recorder]))
+    with pytest.raises(
+        MisconfigurationException, match="DampingRegimeMonitor\\(curvature='secant'\\) does not support the sharded"
+    ):
+        trainer.fit(TinyModel(sgd), make_loader())
+    assert recorder.steps == []
+    # A fixed curvature reads only the param groups' lr and momentum: no shard involved, no refusal.
+    fixed = DampingRegimeMonitor(log=False)
+    strategy = FlatShardStandIn(torch.device("cpu"))
+    Trainer(**trainer_kwargs(tmp_path, strategy=strategy, callbacks=[fixed])).fit(TinyModel(sgd), make_loader())
+    assert len(fixed.history) == 1
