@@ -193,3 +193,28 @@ def test_no_host_sync_on_steps_that_do_not_log(tmp_path, case, optimizer):
     for callback in callbacks:
         if isinstance(callback, BetaMomentumCallback) and callback.switch_at == "crossover":
             assert callback.switch_step is not None  # the switch really was decided during the guarded fit
+
+
+def cuda_capturable_adam(module: pl.LightningModule) -> torch.optim.Optimizer:
+    device = module.device
+    betas = (torch.tensor(0.9, device=device), torch.tensor(0.999, device=device))
+    return torch.optim.Adam(module.parameters(), lr=torch.tensor(0.01, device=device), betas=betas, capturable=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", ["beta_crossover", "all_three_crossover"])
+def test_no_host_sync_on_cuda_with_capturable_adam(tmp_path, case):
+    state = _State()
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            tmp_path,
+            callbacks=[ArmGuard(state), *CALLBACKS[case](), DisarmGuard(state)],
+            logger=CSVLogger(tmp_path),
+            log_every_n_steps=3,
+            limit_train_batches=12,
+            accelerator="gpu",
+        )
+    )
+    with host_reads_raise(state):
+        trainer.fit(TinyModel(cuda_capturable_adam, warmup_cosine), make_loader(n=96))
+    assert state.guarded_windows >= 3 * 8 and state.logging_steps == 4

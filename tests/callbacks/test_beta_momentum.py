@@ -711,3 +711,24 @@ def test_tensor_lr_frozen_group_keeps_its_tensor_momentum(tmp_path):
     _, rec = fit(tmp_path, TinyModel(build), [BetaMomentumCallback(switch_at="crossover")])
     assert rec.momenta(group=0) == pytest.approx([0.5] * 4)
     assert rec.momenta(group=1) == pytest.approx([0.8] * 4)
+
+
+def test_float_slot_with_accelerator_lr_is_flagged():
+    from lightning_beta.callbacks.beta_momentum import _syncs_per_step
+
+    meta_lr = torch.tensor(0.01, device="meta")  # stands for an lr tensor on an accelerator
+    assert _syncs_per_step({"lr": meta_lr, "momentum": 0.9}, "momentum")
+    assert not _syncs_per_step({"lr": meta_lr, "betas": (torch.tensor(0.9, device="meta"), 0.999)}, "betas")
+    assert not _syncs_per_step({"lr": torch.tensor(0.01), "momentum": 0.9}, "momentum")  # CPU: no device sync
+    assert not _syncs_per_step({"lr": 0.01, "momentum": 0.9}, "momentum")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tensor_lr_with_float_momentum_warns_once(tmp_path):
+    build = lambda m: torch.optim.SGD(m.parameters(), lr=torch.tensor(0.0025, device=m.device), momentum=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, rec = fit(tmp_path, TinyModel(build), [BetaMomentumCallback()], accelerator="gpu", max_epochs=2)
+    syncs = [w for w in caught if "costs a host sync per step" in str(w.message)]
+    assert len(syncs) == 1 and "stored as Tensors" in str(syncs[0].message)
+    assert rec.momenta() == pytest.approx([0.9] * 8)
