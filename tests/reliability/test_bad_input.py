@@ -161,7 +161,7 @@ CASES: list[Case] = [
     Case(M, 'group_by="flat"', ValueError, "`group_by` must be \"auto\", an int depth or a dict of regex lists, got 'flat'", lambda t: DampingRegimeMonitor(group_by="flat")),
     Case(M, "curvature_decay=1.0", ValueError, "`curvature_decay` must be in [0, 1), got 1.0", lambda t: DampingRegimeMonitor(curvature_decay=1.0)),
     Case(M, "fit with logger=False", MisconfigurationException, "DampingRegimeMonitor has nowhere to log: the Trainer has no logger (`logger=False`). Pass a logger, or `DampingRegimeMonitor(log=False)` to keep only `history`.", _fit([DampingRegimeMonitor()])),
-    Case(M, "load_state_dict of version 0", ValueError, "DampingRegimeMonitor state has version 0; this release reads version 1", lambda t: DampingRegimeMonitor().load_state_dict({"version": 0})),
+    Case(M, "load_state_dict of version 0", ValueError, "DampingRegimeMonitor state has version 0; this release reads version 1. Resume with the release that wrote the checkpoint, or start the fit without it (`ckpt_path=None`).", lambda t: DampingRegimeMonitor().load_state_dict({"version": 0})),
     # ---- LayerAttributionCallback(...)
     Case(L, "group_by=0", ValueError, "`group_by` as a module depth must be >= 1, got 0", lambda t: LayerAttributionCallback(group_by=0)),
     Case(L, "group_by=True", TypeError, "`group_by` must be 'auto', an int or a dict, got bool", lambda t: LayerAttributionCallback(group_by=True)),
