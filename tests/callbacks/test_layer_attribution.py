@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -562,6 +562,61 @@ def test_mlflow_artifact_in_its_own_run(tmp_path: Any) -> None:
         logged = [key for c in calls if c[0] == "log_metrics" for key in c[1]]
         assert "grad_norm/total" in logged and "grad_norm_epoch/total" in logged  # through Lightning
     assert (tmp_path / "mlruns" / "0" / "run-a" / "attribution.json").exists()
+
+
+class _Run:
+    def __init__(self) -> None:
+        self.saved: list[tuple[str, str]] = []
+
+    def save(self, glob_str: str, base_path: str | None = None, policy: str = "live") -> None:
+        self.saved.append((glob_str, Path(glob_str).read_text()))
+
+
+class _Wandb(WandbLogger):
+    """``WandbLogger``'s public attributes over a recording run (wandb is not a test dependency)."""
+
+    def __init__(self, save_dir: Path, run_id: str) -> None:
+        Logger.__init__(self)
+        self._dir, self._id, self.run, self.images = str(save_dir), run_id, _Run(), []  # type: ignore[var-annotated]
+        self._log_model, self._checkpoint_callback, self._prefix = False, None, ""
+
+    @property
+    def experiment(self) -> Any:
+        return self.run
+
+    @property
+    def save_dir(self) -> str:
+        return self._dir
+
+    @property
+    def name(self) -> str:
+        return "project"
+
+    @property
+    def version(self) -> str:
+        return self._id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_hyperparams(self, params: Any) -> None:
+        pass
+
+    def log_image(self, key: str, images: list[Any], step: int | None = None, **kwargs: Any) -> None:
+        self.images.append((key, images))
+
+    def finalize(self, status: str) -> None:
+        pass
+
+
+def test_wandb_artifact_and_image_in_its_run(tmp_path: Any) -> None:
+    cb, logger = LayerAttributionCallback(reference_batches=0), _Wandb(tmp_path / "wandb", "abc123")
+    pl.Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[cb])).fit(TinyModel(), make_loader())
+    assert cb.artifact_path == tmp_path / "wandb" / "project" / "abc123" / "attribution.json"
+    ((path, text),) = logger.run.saved
+    assert path == str(cb.artifact_path) and '"schema_version": 2' in text
+    ((key, (figure,)),) = logger.images
+    assert key == "attribution/heatmap" and figure.axes[0].get_xlabel() == "optimizer step"
 
 
 def test_heatmap_figure_labels(tmp_path: Any) -> None:
