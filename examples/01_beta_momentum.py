@@ -76,10 +76,14 @@ def run(name: str, optimizer: str, lr: float, callback: BetaMomentumCallback | N
         enable_progress_bar=False,
         enable_model_summary=False,
         accelerator="cpu",
+        log_every_n_steps=10,
     )
     trainer.fit(DigitsMLP(optimizer, lr), train_loader, val_loader)
     acc = trainer.callback_metrics["val_acc"].item()
-    print(f"{name:<32} val_acc={acc:.3f}  final momentum={last.value:.3f}")
+    # The callback logs through Lightning, so its key sits in callback_metrics beside the model's own.
+    logged = trainer.callback_metrics.get("beta/momentum")
+    shown = "" if logged is None else f"  last logged beta/momentum={logged.item():.3f}"
+    print(f"{name:<32} val_acc={acc:.3f}  final momentum={last.value:.3f}{shown}")
 
 
 def main() -> None:

@@ -732,3 +732,34 @@ def test_cuda_tensor_lr_with_float_momentum_warns_once(tmp_path):
     syncs = [w for w in caught if "costs a host sync per step" in str(w.message)]
     assert len(syncs) == 1 and "stored as Tensors" in str(syncs[0].message)
     assert rec.momenta() == pytest.approx([0.9] * 8)
+
+
+def test_checkpoint_of_the_previous_release_resumes(tmp_path):
+    """A checkpoint whose callback state has the previous release's layout (no ``fit_groups``) resumes."""
+
+    def model():
+        torch.manual_seed(1)
+        return TinyModel(sgd(lr=0.01), warmup_cosine(2, 8, start_factor=0.1))
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first_cb = BetaMomentumCallback(switch_at="crossover", constant_momentum=0.9)
+    fit(tmp_path / "a", model(), [first_cb, ckpt], max_epochs=1, enable_checkpointing=True)
+    path = tmp_path / "ckpt" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=False)
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("BetaMomentumCallback")]
+    del state["fit_groups"]
+    assert set(state) == {"version", "switch_step", "crossover_armed", "clamp_warned"}
+    torch.save(checkpoint, path)
+
+    resumed_cb = BetaMomentumCallback(switch_at="crossover", constant_momentum=0.9)
+    logger = CSVLogger(tmp_path, name="csv")
+    recorder = StepRecorder()
+    trainer = pl.Trainer(
+        callbacks=[resumed_cb, recorder],
+        **trainer_kwargs(tmp_path / "a", max_epochs=2, enable_checkpointing=True, logger=logger),
+    )
+    trainer.fit(model(), make_loader(), ckpt_path=str(path))
+    logger.finalize("success")
+    assert [s["global_step"] for s in recorder.steps] == [4, 5, 6, 7]
+    assert resumed_cb.switch_step == 7 and resumed_cb._fit_groups == [1]
+    assert sorted(csv_steps(logger.log_dir, "beta/momentum")) == [4, 5, 6, 7]
