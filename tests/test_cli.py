@@ -5,9 +5,15 @@ import os
 import subprocess
 import sys
 
+import lightning.pytorch as pl
 import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_beta.cli import main
+from lightning_beta.diagnosis import diagnose
+from tests.helpers import TinyModel, make_loader, trainer_kwargs
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -76,3 +82,51 @@ def test_report_errors_are_one_line(tmp_path):
     result = run_cli("report", str(other))
     assert result.returncode == 2 and "not a lightning_beta artifact" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_report_on_a_checkpoint_names_what_to_pass(tmp_path):
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path))
+    trainer.fit(TinyModel(), make_loader())
+    checkpoint = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    result = run_cli("report", str(checkpoint))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    assert (
+        f"{checkpoint}: a torch/Lightning checkpoint, not a JSON artifact; pass the attribution.json" in result.stderr
+    )
+    assert "utf-8" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_accelerator_without_a_gpu_is_one_line(tmp_path):
+    result = run_cli("demo", "--accelerator", "gpu", "--out", str(tmp_path / "runs"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    assert "lightning-beta demo: error: --accelerator gpu --devices 1: not usable here (" in result.stderr
+
+
+def test_bad_devices_is_one_line(tmp_path, capsys):
+    assert main(["demo", "--devices", "many", "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--accelerator cpu --devices many: not usable here" in err
+
+
+def test_report_renders_a_diagnosis_that_made_things_worse(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    y = (x[:, 0] > 0).long()
+    y[:6] = 1 - y[:6]  # label noise: errors to attribute
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for _ in range(50):  # a decent model (the noisy labels left wrong), that an lr of 1e4 breaks
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    data = DataLoader(TensorDataset(x, y), batch_size=16)
+    report = diagnose(net, data, data, localizer="gradient", top_k=1, lr=1e4, momentum=0.9, default_root_dir=tmp_path)
+    assert report.worse
+    path = tmp_path / "diagnosis.json"
+    path.write_text(report.to_json())
+    result = run_cli("report", str(path), "--markdown")
+    assert result.returncode == 0, result.stderr
+    assert "WORSE: the treated model is worse than its input" in result.stdout
+    assert "| run | params trained | steps |" in result.stdout and "|---|---:|---:|" in result.stdout

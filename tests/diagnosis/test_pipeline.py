@@ -75,3 +75,45 @@ def test_diagnose_bad_inputs():
         diagnose(net, data, data, localizer="drift")
     with pytest.raises(TypeError, match="records must be dicts or dataclasses, got int"):
         scan_history([1])
+
+
+def faulty_case():
+    net, data = setup_case()
+    with torch.no_grad():
+        net[2].weight.add_(torch.randn_like(net[2].weight) * 2 * net[2].weight.std())
+    return net, data
+
+
+def test_a_treatment_that_breaks_the_model_is_not_handed_back(tmp_path):
+    net, data = faulty_case()
+    report = diagnose(
+        net, data, data, localizer="gradient", top_k=1, lr=1e4, momentum=0.9, default_root_dir=tmp_path
+    )  # an lr of 1e4 certainly breaks it
+    check = report.verification
+    assert check.worse and check.net < 0 and check.accuracy_after < check.accuracy_before
+    assert report.worse and report.model is net and report.surgery.model is not net
+    assert "worse than its input" in report.message and "`report.model` is the input model" in report.message
+    md = report.to_markdown()
+    assert "**Worse**: the treated model is worse than its input" in md
+    assert "**Worse**: the treated model makes more errors than its input" in check.to_markdown()
+    data_json = json.loads(report.to_json())
+    assert data_json["worse"] is True and data_json["returned_model"] == "input"
+    assert data_json["verification"]["worse"] is True
+
+
+def test_epochs_and_trainer_arguments(tmp_path):
+    net, data = faulty_case()
+    # Trainer arguments reach both fits; the epochs are diagnose's own ``max_epochs``.
+    report = diagnose(
+        net, data, data, localizer="gradient", top_k=1, max_epochs=2, baseline=True, limit_train_batches=3,
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    assert (report.surgery.epochs, report.surgery.optimizer_steps) == (2, 6)
+    assert (report.baseline.epochs, report.baseline.optimizer_steps) == (2, 6)
+    assert not report.worse and report.model is report.surgery.model
+    assert json.loads(report.to_json())["returned_model"] == "treated"
+    message = "`epochs` is an argument of neither diagnose nor Trainer: the retraining epochs are `max_epochs=2`"
+    with pytest.raises(TypeError, match=message):
+        diagnose(net, data, data, epochs=2)
+    with pytest.raises(TypeError, match="`trainer_kwargs` is an argument of neither diagnose nor Trainer: pass"):
+        diagnose(net, data, data, trainer_kwargs={"max_epochs": 2})

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_beta.diagnosis import kinetic_energy_probe, kinetic_energy_scores, surgical_correction
 from lightning_beta.demos.digits import DigitsClassifier, DigitsResNet, load_digits_tensors
+from lightning_beta.diagnosis import kinetic_energy_probe, kinetic_energy_scores, surgical_correction
 from tests.helpers import StepRecorder, trainer_kwargs
 
 
@@ -128,3 +128,68 @@ def test_kinetic_energy_probe_leaves_model_alone(digits):
     scores = kinetic_energy_probe(net, digits, steps=2)
     assert set(scores.scores) == {"conv1", "bn1", "layer1", "layer2", "layer3", "fc"}
     assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+
+
+def test_masked_weight_decay_once_per_optimizer_step(tmp_path):
+    # Two micro-batches accumulated into one optimizer step: the decay enters once, not once per backward.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    data = DataLoader(TensorDataset(x, y), batch_size=4)
+    lr, wd = 0.1, 0.5
+    result = surgical_correction(
+        net, ["1"], data, lr=lr, momentum=0.0, selection="parameters", weight_decay=wd,
+        accumulate_grad_batches=2, **quiet(tmp_path),
+    )  # fmt: skip
+    assert result.optimizer_steps == 1  # at the first step the cosine lr is the peak lr
+    params = list(net.parameters())
+    loss = sum(nn.functional.cross_entropy(net(x[i : i + 4]), y[i : i + 4]) for i in (0, 4)) / 2
+    grads = torch.autograd.grad(loss, params)
+    changed = 0
+    for old, new, g in zip(params, result.model.parameters(), grads):
+        moved = new != old
+        changed += int(moved.sum())
+        expected = old - lr * (g + wd * old)  # one decay term per optimizer step
+        assert torch.allclose(new[moved], expected[moved], atol=1e-6)
+    assert changed == result.n_params_trained == 12  # the budget: the 12 parameters of group "1"
+
+
+class CountingLoader:
+    """An iterable of ``n`` batches that counts how many were drawn."""
+
+    def __init__(self, n):
+        gen = torch.Generator().manual_seed(0)
+        self.batches = [(torch.randn(4, 2, generator=gen), torch.randint(0, 2, (4,), generator=gen)) for _ in range(n)]
+        self.drawn = 0
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.drawn += 1
+            yield batch
+
+
+def test_kinetic_probe_draws_only_the_batches_it_uses():
+    net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))
+    long = CountingLoader(50)
+    kinetic_energy_probe(net, long, steps=3)
+    assert long.drawn == 3
+    short = CountingLoader(2)
+    kinetic_energy_probe(net, short, steps=5)
+    assert short.drawn == 5  # re-iterated
+
+
+def test_kinetic_probe_takes_a_loss_fn():
+    net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))
+    calls = []
+
+    def squared_error(logits, targets):
+        calls.append(logits.shape)
+        return (logits - nn.functional.one_hot(targets, 2).float()).pow(2).sum(1)
+
+    data = CountingLoader(4)
+    scores = kinetic_energy_probe(net, data, steps=1, lr=0.1, momentum=0.9, loss_fn=squared_error)
+    assert calls == [torch.Size([4, 2])]
+    x, y = data.batches[0]
+    grads = torch.autograd.grad(squared_error(net(x), y).mean(), list(net.parameters()))
+    # After one step the momentum buffer is the gradient of the mean loss.
+    assert scores.scores["1"] == pytest.approx(float(grads[2].pow(2).sum() + grads[3].pow(2).sum()) / 8, rel=1e-5)
