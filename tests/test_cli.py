@@ -130,3 +130,78 @@ def test_report_renders_a_diagnosis_that_made_things_worse(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "WORSE: the treated model is worse than its input" in result.stdout
     assert "| run | params trained | steps |" in result.stdout and "|---|---:|---:|" in result.stdout
+
+
+DIGITS = [
+    "--model",
+    "lightning_beta.demos.digits.DigitsClassifier",
+    "--data",
+    "lightning_beta.demos.digits.DigitsDataModule",
+]
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory):
+    from lightning_beta import DampingRegimeMonitor
+    from lightning_beta.demos.digits import DigitsClassifier, DigitsDataModule
+
+    tmp = tmp_path_factory.mktemp("digits")
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp, max_epochs=2, limit_train_batches=6, callbacks=[DampingRegimeMonitor(log=False)])
+    )
+    trainer.fit(DigitsClassifier("mlp", lr=0.1), DigitsDataModule(seed=0))
+    path = tmp / "digits.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_diagnose_a_checkpoint_on_the_digits(digits_checkpoint, tmp_path, capsys):
+    from lightning_beta.demos.digits import DigitsClassifier, load_digits_tensors
+    from lightning_beta.diagnosis import attribute_errors
+
+    out = tmp_path / "report"
+    args = [
+        "diagnose",
+        str(digits_checkpoint),
+        *DIGITS,
+        "--data-args",
+        '{"seed": 0}',
+        "--top-k",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "diagnosis.json").read_text())
+    assert (out / "diagnosis.md").read_text() in printed
+    assert report["kind"] == "lightning_beta.diagnosis_report" and report["scan"]["n_records"] == 2
+    # Localized on the even validation samples, verified on the odd ones, as the demo does.
+    _, val = load_digits_tensors(0)
+    model = DigitsClassifier.load_from_checkpoint(digits_checkpoint, map_location="cpu")
+    even = DataLoader(torch.utils.data.Subset(val, range(0, len(val), 2)), batch_size=512)
+    expected = attribute_errors(model, even)
+    assert (
+        report["scores"]["n_samples"] == len(range(0, len(val), 2)) and report["scores"]["ranking"] == expected.ranking
+    )
+    assert report["scores"]["scores"] == pytest.approx(expected.scores, rel=1e-5)
+    assert report["flagged"] == expected.ranking[:1] and report["surgery"]["layers"] == expected.ranking[:1]
+    assert report["verification"]["n_samples"] == len(range(1, len(val), 2))
+    assert run_cli("report", str(out / "diagnosis.json")).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model", "nowhere.Model"], "--model nowhere.Model: cannot import nowhere (No module named 'nowhere')"),
+        (["--model", "Model"], "--model Model: expected a class path such as package.module.Class"),
+        (["--data", "lightning_beta.demos.digits.DigitsClassifier"], "not a LightningDataModule subclass"),
+        (["--model", "tests.helpers.TinyModel"], ": cannot load it as tests.helpers.TinyModel ("),
+        (["--data-args", '{"colour": 1}'], "--data-args: lightning_beta.demos.digits.DigitsDataModule does not take"),
+    ],
+)
+def test_diagnose_errors_are_one_line(digits_checkpoint, tmp_path, capsys, extra, message):
+    assert main(["diagnose", str(digits_checkpoint), *DIGITS, *extra, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err

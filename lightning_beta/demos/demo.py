@@ -13,14 +13,18 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Subset
 
 from lightning_beta.callbacks import BetaMomentumCallback, DampingRegimeMonitor, LayerAttributionCallback
 from lightning_beta.demos.digits import DigitsClassifier, digits_dataloaders, load_digits_tensors
 from lightning_beta.diagnosis import DiagnosisReport, diagnose
+from lightning_beta.diagnosis.pipeline import Localizer
 
 TARGETS = (0.90, 0.95)
 
@@ -239,6 +243,73 @@ def run_demo(config: DemoConfig) -> DemoResult:
     report_path = config.out / "diagnosis.json"
     result.notes.append(f"\nDiagnosis report: {report_path} (render it with `lightning-beta report {report_path}`)")
     return result
+
+
+def _halves(val_loader: Any) -> tuple[Any, Any] | None:
+    # The validation set split by sample parity: one half to localize on, the other to verify on.
+    dataset = getattr(val_loader, "dataset", None)
+    if not isinstance(val_loader, DataLoader) or dataset is None or not hasattr(dataset, "__len__"):
+        return None
+    n = len(dataset)
+    if n < 2:
+        return None
+    batch = val_loader.batch_size or 1
+    return (
+        DataLoader(Subset(dataset, range(0, n, 2)), batch_size=batch),
+        DataLoader(Subset(dataset, range(1, n, 2)), batch_size=batch),
+    )
+
+
+def checkpoint_history(checkpoint: Path) -> list[dict[str, Any]] | None:
+    """The damping-regime history a ``DampingRegimeMonitor`` saved in a Lightning checkpoint, ``None`` if none."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    for key, value in (state.get("callbacks") or {}).items():
+        if str(key).startswith("DampingRegimeMonitor") and isinstance(value, dict) and value.get("history"):
+            return list(value["history"])
+    return None
+
+
+def diagnose_checkpoint(
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    checkpoint: Path | None = None,
+    localizer: Localizer = "gradient",
+    top_k: int | None = None,
+    max_epochs: int = 1,
+    lr: float = 0.01,
+    baseline: bool = False,
+    accelerator: str = "cpu",
+    devices: str = "1",
+) -> tuple[DiagnosisReport, bool]:
+    """The demo's diagnosis on a user's model and data (``lightning-beta diagnose``).
+
+    Localize on the even samples of the datamodule's validation set (all of the training set if the validation
+    loader has no sized dataset), retrain on its training set, verify on the odd samples; the damping-regime
+    history of a ``DampingRegimeMonitor`` saved in ``checkpoint`` is scanned.
+
+    Returns:
+        The report and whether this process is global rank zero (the one to write it).
+    """
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    train_loader, val_loader = datamodule.train_dataloader(), datamodule.val_dataloader()
+    halves = _halves(val_loader)
+    localize_on, verify_on = halves if halves is not None else (train_loader, val_loader)
+    report = diagnose(
+        model,
+        train_loader,
+        verify_on,
+        history=checkpoint_history(checkpoint) if checkpoint is not None else None,
+        localizer=localizer,
+        localize_dataloader=localize_on,
+        top_k=top_k,
+        max_epochs=max_epochs,
+        lr=lr,
+        baseline=baseline,
+        accelerator=accelerator,
+        devices=parse_devices(devices),
+    )
+    return report, getattr(rank_zero_only, "rank", 0) == 0  # set by the Trainers of the fits
 
 
 def write_report(report: DiagnosisReport, out: Path) -> None:
