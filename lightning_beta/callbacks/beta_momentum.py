@@ -167,6 +167,8 @@ class BetaMomentumCallback(pl.Callback):
         # The crossover decided on the device (Tensor lr): armed, switched and the batch step of the switch, read on
         # the host only on logging steps and when checkpointing.
         self._device_crossover: tuple[Tensor, Tensor, Tensor] | None = None
+        # What this batch's optimizer steps wrote, on a logging step: handed to Lightning once, at batch end.
+        self._pending: dict[str, float | Tensor] = {}
 
     @property
     def state_key(self) -> str:
@@ -181,6 +183,7 @@ class BetaMomentumCallback(pl.Callback):
             self._clamp_warned = False
             self._fit_groups = None
             self._device_crossover = None
+            self._pending = {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check the optimizers and schedulers, name the param groups, and resolve a fractional switch point."""
@@ -273,7 +276,6 @@ class BetaMomentumCallback(pl.Callback):
         if self.switch_step is None and self._device_crossover is not None:
             switched = self._device_crossover[1]
         logging = self.log_momentum and is_logging_step(trainer)
-        metrics: dict[str, float | Tensor] = {}
         opt_idx, n_opts = optimizer_index(trainer.optimizers, inner)
         n_fit_groups = self._fit_groups[opt_idx] if self._fit_groups and opt_idx < len(self._fit_groups) else None
         for group_idx, (group, lr) in enumerate(zip(groups, lrs)):
@@ -289,10 +291,20 @@ class BetaMomentumCallback(pl.Callback):
             if logging:
                 written = read_momentum(group, slot)
                 key = group_key("beta/momentum", opt_idx, n_opts, group_idx, groups, n_fit_groups)
-                metrics[key] = written.detach().clone() if isinstance(written, Tensor) else float(written)
-        if logging:
+                self._pending[key] = written.detach().clone() if isinstance(written, Tensor) else float(written)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        """Hand the momentum written on a logging step to Lightning, once per batch.
+
+        Logged here rather than from ``on_before_optimizer_step``: under manual optimization that hook runs inside
+        ``training_step``, and on the first batch of an epoch Lightning resets the values of a hook when the logging
+        hook changes, so alternating between the two would drop values logged earlier in the batch (the user's and
+        ours).
+        """
+        if self._pending:
             self._resolve_device_crossover()
-            log_step(pl_module, metrics)
+            log_step(pl_module, self._pending)
+            self._pending = {}
 
     def _write_on_device(
         self,

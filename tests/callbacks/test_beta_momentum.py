@@ -763,3 +763,24 @@ def test_checkpoint_of_the_previous_release_resumes(tmp_path):
     assert [s["global_step"] for s in recorder.steps] == [4, 5, 6, 7]
     assert resumed_cb.switch_step == 7 and resumed_cb._fit_groups == [1]
     assert sorted(csv_steps(logger.log_dir, "beta/momentum")) == [4, 5, 6, 7]
+
+
+class ManualLogsAroundSteps(ManualTwoOptimizers):
+    """Logs one key before the optimizer steps and one after them, as GAN modules do."""
+
+    def training_step(self, batch, batch_idx):
+        self.log("loss_before", float(batch_idx) + 0.5)
+        super().training_step(batch, batch_idx)
+        self.log("loss_after", float(batch_idx))
+
+
+def test_manual_optimization_keeps_the_users_keys_of_the_first_batch(tmp_path):
+    # On the first batch of an epoch Lightning resets a hook's logged values when the logging hook changes; logging
+    # from inside the optimizer steps would drop "loss_before" there.
+    logger = CSVLogger(tmp_path, name="csv")
+    fit(tmp_path, ManualLogsAroundSteps(), [BetaMomentumCallback()], logger=logger, log_every_n_steps=1)
+    logger.finalize("success")
+    assert csv_steps(logger.log_dir, "loss_before") == {0: 0.5, 1: 1.5, 2: 2.5, 3: 3.5}
+    assert sorted(csv_steps(logger.log_dir, "loss_after")) == [0, 1, 2, 3]
+    for key in ("beta/momentum/opt0", "beta/momentum/opt1"):
+        assert sorted(csv_steps(logger.log_dir, key)) == [0, 1, 2, 3]
