@@ -187,6 +187,8 @@ class DampingRegimeMonitor(pl.Callback):
         self._secant_state: dict[str, Any] | None = None
         # Param group counts at fit start, so that a group added mid-run does not rename the others' keys.
         self._fit_groups: list[int] = []
+        # The step metrics of the current batch's optimizer steps, handed to Lightning in `on_train_batch_end`.
+        self._step_metrics: dict[str, float | Tensor] = {}
 
     @property
     def state_key(self) -> str:
@@ -246,6 +248,25 @@ class DampingRegimeMonitor(pl.Callback):
             self._finish_epoch(trainer, pl_module, log=False)
         self._epoch = trainer.current_epoch
 
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Forget step metrics left by a batch that raised."""
+        self._step_metrics = {}
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Hand the batch's step metrics to Lightning, which writes them with the user's own ``self.log`` values.
+
+        Not from the step hook itself: in the first batch of an epoch Lightning drops the values already logged
+        from a hook when logging returns to it from another one, which happens under manual optimization when
+        several optimizers step inside ``training_step`` and another callback logs in ``on_before_optimizer_step``.
+        """
+        if self._step_metrics:
+            log_step(pl_module, self._step_metrics)
+            self._step_metrics = {}
+
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         """Mark the optimizer step about to run, and take the secant's one reading of gradients and parameters.
 
@@ -291,8 +312,7 @@ class DampingRegimeMonitor(pl.Callback):
 
         # A post hook runs right after the update, before any lr scheduler steps and after every
         # `on_before_optimizer_step` hook (Lightning calls those inside `optimizer.step(closure)`), so the param
-        # groups hold exactly the lr and momentum this step used. Lightning's current hook is then
-        # `optimizer_step` (`training_step` under manual optimization), where `self.log(on_step=True)` is allowed.
+        # groups hold exactly the lr and momentum this step used.
         def post_hook(optimizer: Any, args: Any, kwargs: Any) -> None:
             self._after_step(trainer, optimizer)
 
@@ -331,9 +351,12 @@ class DampingRegimeMonitor(pl.Callback):
             self._zetas.setdefault(suffix, StepValues()).append(zeta)
             self._labels.setdefault(suffix, _label(suffix, groups, group_idx))
             if logging:
+                # Copies of tensor lr and momentum: a scheduler may write them in place before the batch ends.
                 metrics[f"damping/zeta{suffix}"] = zeta
-                metrics[f"damping/lr{suffix}"] = lr
-                metrics[f"damping/momentum{suffix}"] = momentum
+                metrics[f"damping/lr{suffix}"] = lr.detach().clone() if isinstance(lr, Tensor) else lr
+                metrics[f"damping/momentum{suffix}"] = (
+                    momentum.detach().clone() if isinstance(momentum, Tensor) else momentum
+                )
                 if isinstance(zeta, Tensor):
                     metrics[f"damping/regime{suffix}"] = classify_regime(zeta, self.tolerance)
                 elif not math.isnan(zeta):
@@ -345,7 +368,7 @@ class DampingRegimeMonitor(pl.Callback):
             metrics["damping/band_high"] = 1.0 + self.tolerance
         if self.secant:
             metrics.update(self._layer_metrics(trainer, inner))  # flushes: a collective under FSDP2, on every rank
-        log_step(trainer.lightning_module, metrics)
+        self._step_metrics.update(metrics)
 
     def _suffix(self, opt_idx: int, n_opts: int, group_idx: int, groups: list[dict[str, Any]]) -> str:
         n_fit = self._fit_groups[opt_idx] if opt_idx < len(self._fit_groups) else None

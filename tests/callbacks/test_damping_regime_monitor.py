@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -598,3 +598,45 @@ def test_no_host_read_on_non_logging_steps(tmp_path: Path, lr: str, curvature: A
     assert seen["guarded_steps"].count("_after_step") == 6, "steps 0-2 and 4-6 are not logged"
     assert seen["reads"] == []
     assert monitor.history[0].n_steps == 8 and monitor.history[0].median_zeta == pytest.approx(1.0, rel=1e-5)
+
+
+class TwoOptimizers(TinyModel):
+    """Manual optimization with two optimizers stepping inside one ``training_step``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        for opt in self.optimizers():  # type: ignore[union-attr]
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(self(x), y)
+            self.manual_backward(loss)
+            opt.step()
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return [
+            torch.optim.SGD(self.body.parameters(), lr=0.01, momentum=0.9),
+            torch.optim.SGD(self.head.parameters(), lr=0.04, momentum=0.9),
+        ]
+
+
+class LogsBeforeStep(Callback):
+    """Another callback logging from ``on_before_optimizer_step``, as BetaMomentumCallback does."""
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        pl_module.log("other/value", 1.0, on_step=True, on_epoch=False)
+
+
+def test_several_optimizers_in_manual_optimization_keep_the_first_batch(tmp_path: Path) -> None:
+    # In an epoch's first batch Lightning drops values logged from a hook when logging comes back to it from
+    # another hook; the monitor hands its step metrics over once, in `on_train_batch_end`.
+    trainer = fit(tmp_path, [LogsBeforeStep(), DampingRegimeMonitor()], model=TwoOptimizers(), max_epochs=2)
+    log_dir = trainer.logger.log_dir  # type: ignore[union-attr]
+    scalars = read_scalars(log_dir)
+    for suffix, zeta in (("/opt0", 0.5), ("/opt1", 0.25)):
+        assert [s for s, _ in scalars[f"damping/zeta{suffix}"]] == list(range(8))
+        assert [v for _, v in scalars[f"damping/zeta{suffix}"]] == pytest.approx([zeta] * 8, rel=1e-6)
