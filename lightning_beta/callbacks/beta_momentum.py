@@ -89,8 +89,9 @@ class BetaMomentumCallback(pl.Callback):
     optimization with several optimizers ``global_step`` advances once per optimizer step; the switch does not.
 
     Logged metrics (when ``log_momentum``), through ``pl_module.log_dict`` on the steps Lightning writes
-    (``log_every_n_steps``, 0 = never), so they share the step axis, ``callback_metrics`` and CSV rows of the user's
-    own ``self.log``:
+    (``log_every_n_steps``, 0 = never; handed over once per batch, in ``on_train_batch_end``, as Tensors when the
+    optimizer stores Tensors), so they share the step axis, ``callback_metrics`` and CSV rows of the user's own
+    ``self.log``:
 
     - ``beta/momentum``: the momentum written for the step (one optimizer, one param group);
     - ``beta/momentum/<group name or pgN>``: with several param groups, named from the groups present at fit
