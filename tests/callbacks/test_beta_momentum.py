@@ -784,3 +784,21 @@ def test_manual_optimization_keeps_the_users_keys_of_the_first_batch(tmp_path):
     assert sorted(csv_steps(logger.log_dir, "loss_after")) == [0, 1, 2, 3]
     for key in ("beta/momentum/opt0", "beta/momentum/opt1"):
         assert sorted(csv_steps(logger.log_dir, key)) == [0, 1, 2, 3]
+
+
+def test_backbone_finetuning_keeps_the_keys(tmp_path):
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    class WithBackbone(TinyModel):
+        def __init__(self):
+            super().__init__(lambda m: torch.optim.SGD(m.head.parameters(), lr=0.01, momentum=0.9))
+            self.backbone = self.body
+
+    finetune = BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda epoch: 1.0)
+    logger = CSVLogger(tmp_path, name="csv")
+    fit(tmp_path, WithBackbone(), [finetune, BetaMomentumCallback()], logger=logger, max_epochs=2)
+    logger.finalize("success")
+    # the head keeps "beta/momentum" for the whole fit; the backbone (lr 0.01/10 = 0.001) joins as pg1 in epoch 1
+    assert csv_steps(logger.log_dir, "beta/momentum") == pytest.approx({s: 0.8 for s in range(8)})
+    expected_pg1 = critical_momentum(0.001)
+    assert csv_steps(logger.log_dir, "beta/momentum/pg1") == pytest.approx({s: expected_pg1 for s in range(4, 8)})
