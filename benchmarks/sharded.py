@@ -1,6 +1,6 @@
 """What LayerAttributionCallback costs under ModelParallel (FSDP2) against DDP: two CPU ranks, side by side.
 
-Run: ``python benchmarks/sharded.py [--steps N] [--log-every K] [--repeats R]``.
+Run: ``python benchmarks/sharded.py [--quick] [--steps N] [--warmup W] [--log-every K] [--repeats R]``.
 
 The same MLP (16 linear layers of width 256, 32 parameter tensors) is fitted on two CPU ranks over gloo, in
 spawned workers (``tests/multidevice/model_parallel.py``), under ``DDPStrategy`` and under ``ModelParallelStrategy``
@@ -9,8 +9,9 @@ in alternating order, ``--repeats`` times. On every rank and step after a warm-u
 per-step hook (``on_before_optimizer_step``, where it also logs and flushes) is recorded, and every collective of
 ``torch.distributed`` called inside its hooks is counted. Reported per strategy: the median hook time per step (both
 ranks, all repeats), the median step time without the callback, their ratio, and the collectives per flush (the hook
-calls that issued any collective) and per step. The ranks have one thread each (Lightning's default for two CPU
-processes).
+calls that issued any collective) and per step, and the median hook time of those flushing calls. The ranks have one
+thread each (Lightning's default for two CPU processes). ``--quick`` (1 repeat, 6 steps after 2 warm-up steps,
+logging every 4) is a smoke run.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from lightning_beta import LayerAttributionCallback
 from tests.helpers import SpawnDDP
 from tests.multidevice.model_parallel import TIMEOUT, SpawnModelParallel
 
-WARMUP = 10
 BATCH = 32  # per rank
 WIDTH, DEPTH = 256, 16
 #: The collectives of ``torch.distributed`` that are counted (looked up by attribute at call time, as Lightning and
@@ -94,11 +94,12 @@ class DeepMLP(pl.LightningModule):
 class Timed(pl.Callback):
     """Per-step wall time of the training batches, on every rank, written to ``<out>/<tag>-rank<r>.json``."""
 
-    def __init__(self, out: Path, tag: str) -> None:
-        self.out, self.tag = out, tag
+    def __init__(self, out: Path, tag: str, warmup: int) -> None:
+        self.out, self.tag, self.warmup = out, tag, warmup
         self.step_s: list[float] = []
-        self.hook_s: list[float] = []
-        self.collectives: list[int] = []  # per hook call that issued any
+        self.hook_s: list[float] = []  # every per-step hook call after the warm-up
+        self.flush_s: list[float] = []  # the hook calls among those that issued collectives
+        self.collectives: list[list[str]] = []  # the collectives of each hook call that issued any
         self.counting = False
         self._start = 0.0
 
@@ -106,25 +107,30 @@ class Timed(pl.Callback):
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step > WARMUP:
+        if trainer.global_step > self.warmup:
             self.step_s.append(time.perf_counter() - self._start)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        payload = {"step_s": self.step_s, "hook_s": self.hook_s, "collectives": self.collectives}
+        payload = {
+            "step_s": self.step_s,
+            "hook_s": self.hook_s,
+            "flush_s": self.flush_s,
+            "collectives": self.collectives,
+        }
         (self.out / f"{self.tag}-rank{trainer.global_rank}.json").write_text(json.dumps(payload))
 
 
 def instrument(callback: pl.Callback, timed: Timed) -> None:
     """Time ``callback``'s per-step hook and count the collectives in its hooks (in the rank, at fit start)."""
-    calls = [0]
+    calls: list[str] = []
     for name in COLLECTIVES:
         original = getattr(dist, name, None)
         if original is None or getattr(original, "_counted", False):
             continue
 
-        def counted(*args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
+        def counted(*args: Any, _original: Callable[..., Any] = original, _name: str = name, **kwargs: Any) -> Any:
             if timed.counting:
-                calls[0] += 1
+                calls.append(_name)
             return _original(*args, **kwargs)
 
         counted._counted = True  # type: ignore[attr-defined]
@@ -133,17 +139,20 @@ def instrument(callback: pl.Callback, timed: Timed) -> None:
         method = getattr(callback, hook)
 
         def wrapped(trainer: pl.Trainer, *args: Any, _method: Callable[..., Any] = method, _hook: str = hook) -> Any:
-            calls[0], timed.counting = 0, True
+            calls.clear()
+            timed.counting = True
             start = time.perf_counter()
             try:
                 return _method(trainer, *args)
             finally:
                 elapsed = time.perf_counter() - start
                 timed.counting = False
-                if _hook == HOOKS[0] and trainer.global_step >= WARMUP:
+                if _hook == HOOKS[0] and trainer.global_step >= timed.warmup:
                     timed.hook_s.append(elapsed)
-                if calls[0]:
-                    timed.collectives.append(calls[0])
+                    if calls:
+                        timed.flush_s.append(elapsed)
+                if calls:
+                    timed.collectives.append(sorted(calls))
 
         setattr(callback, hook, wrapped)
 
@@ -167,8 +176,8 @@ def loader(steps: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=BATCH)
 
 
-def run(out: Path, tag: str, strategy: str, attribution: bool, steps: int, log_every: int) -> None:
-    timed = Timed(out, tag)
+def run(out: Path, tag: str, strategy: str, attribution: bool, steps: int, warmup: int, log_every: int) -> None:
+    timed = Timed(out, tag, warmup)
     callbacks: list[pl.Callback] = [timed]
     if attribution:
         callbacks.insert(0, Instrumented(timed))
@@ -177,7 +186,7 @@ def run(out: Path, tag: str, strategy: str, attribution: bool, steps: int, log_e
         strategy=made,
         accelerator="cpu",
         devices=2,
-        max_steps=steps + WARMUP,
+        max_steps=steps + warmup,
         callbacks=callbacks,
         logger=pl.loggers.CSVLogger(out, name=tag),
         log_every_n_steps=log_every,
@@ -188,20 +197,26 @@ def run(out: Path, tag: str, strategy: str, attribution: bool, steps: int, log_e
         limit_val_batches=0,
     )
     torch.manual_seed(0)
-    trainer.fit(DeepMLP(), loader(steps + WARMUP))
+    trainer.fit(DeepMLP(), loader(steps + warmup))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 repeat of 6 steps after 2, logging every 4 (smoke)")
     parser.add_argument("--steps", type=int, default=60, help="timed steps per fit, after the warm-up")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps at the start of each fit")
     parser.add_argument("--log-every", type=int, default=10, help="the Trainer's log_every_n_steps")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.steps, args.warmup, args.log_every = 1, 6, 2, 4
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     strategies = ["DDP", "ModelParallel (FSDP2)"]
     started = time.perf_counter()
-    results: dict[str, dict[str, list[Any]]] = {s: {"hook": [], "bare": [], "coll": []} for s in strategies}
+    results: dict[str, dict[str, list[Any]]] = {
+        s: {"hook": [], "flush": [], "bare": [], "coll": []} for s in strategies
+    }
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for rep in range(args.repeats):
@@ -209,29 +224,32 @@ def main() -> None:
             for strategy in order:
                 for attribution in (False, True):
                     tag = f"{'mp' if 'Model' in strategy else 'ddp'}-{int(attribution)}-{rep}"
-                    run(out, tag, strategy, attribution, args.steps, args.log_every)
+                    run(out, tag, strategy, attribution, args.steps, args.warmup, args.log_every)
                     for path in sorted(out.glob(f"{tag}-rank*.json")):
                         data = json.loads(path.read_text())
                         if attribution:
                             results[strategy]["hook"] += data["hook_s"]
+                            results[strategy]["flush"] += data["flush_s"]
                             results[strategy]["coll"].append(data["collectives"])
                         else:
                             results[strategy]["bare"] += data["step_s"]
             print(f"  repeat {rep + 1}/{args.repeats}", file=sys.stderr)
     lines = [
         "| strategy | hook time per step (median) | step time, no callback (median) | hook / step"
-        " | collectives per flush | collectives per step |",
-        "|---|---:|---:|---:|---|---:|",
+        " | collectives per flush | flushes per fit | collectives per step | hook time of a flush (median) |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for strategy in strategies:
         r = results[strategy]
         hook_us = 1e6 * statistics.median(r["hook"])
         step_ms = 1e3 * statistics.median(r["bare"])
-        per_flush = sorted({n for rank in r["coll"] for n in rank})
-        per_step = statistics.mean(sum(rank) for rank in r["coll"]) / (args.steps + WARMUP)
+        kinds = sorted({" + ".join(call) for rank in r["coll"] for call in rank})
+        per_step = statistics.mean(sum(map(len, rank)) for rank in r["coll"]) / (args.steps + args.warmup)
+        flushes = statistics.mean(len(rank) for rank in r["coll"])
+        flush = f"{1e6 * statistics.median(r['flush']):.0f} us" if r["flush"] else "-"
         lines.append(
             f"| {strategy} | {hook_us:.0f} us | {step_ms:.2f} ms | {hook_us / (10 * step_ms):.2f}%"
-            f" | {', '.join(map(str, per_flush)) or '0'} | {per_step:.3f} |"
+            f" | {'; '.join(kinds) or 'none'} | {flushes:.0f} | {per_step:.3f} | {flush} |"
         )
     command = "python benchmarks/sharded.py " + " ".join(sys.argv[1:])
     text = "\n".join(
@@ -241,9 +259,10 @@ def main() -> None:
             *lines,
             "",
             f"Two CPU ranks (gloo), MLP of {DEPTH} linear layers of width {WIDTH} ({2 * DEPTH} tensors), batch"
-            f" {BATCH} per rank, {args.steps} timed steps after {WARMUP} warm-up steps, {args.repeats} repeats,"
+            f" {BATCH} per rank, {args.steps} timed steps after {args.warmup} warm-up steps, {args.repeats} repeats,"
             f" `log_every_n_steps={args.log_every}`. Collectives: calls of `torch.distributed` inside the callback's"
-            " hooks; per flush: the counts of the hook calls that issued any.",
+            " hooks (per rank); a flush is a hook call that issued any; a fit has"
+            f" {args.steps + args.warmup} steps.",
             f"Run time: {time.perf_counter() - started:.0f} s.",
         ]
     )
