@@ -360,6 +360,32 @@ def isolated_rng() -> Iterator[None]:
                 numpy.random.set_state(numpy_state)
 
 
+@contextmanager
+def rank_zero_buffers(trainer: Any, model: nn.Module) -> Iterator[None]:
+    """Under several processes, rank zero's buffers on every rank inside; each rank's own afterwards.
+
+    DDP broadcasts rank zero's buffers at the start of each training forward, so after the last step every rank's
+    BatchNorm running statistics hold its own last batch; the reference describes the model rank zero saves (the
+    checkpoint's), which is the one diagnosed later. One broadcast, run by every rank.
+    """
+    if int(getattr(trainer, "world_size", 1)) <= 1:
+        yield
+        return
+    buffers = dict(model.named_buffers())
+    own = {name: buf.clone() for name, buf in buffers.items()}
+    zero = trainer.strategy.broadcast(own, src=0)
+    try:
+        with torch.no_grad():
+            for name, buf in buffers.items():
+                if name in zero and zero[name].shape == buf.shape:
+                    buf.copy_(zero[name])
+        yield
+    finally:
+        with torch.no_grad():
+            for name, buf in buffers.items():
+                buf.copy_(own[name])
+
+
 def resolve_dims(modules: Mapping[str, nn.Module], feature_dim: FeatureDim) -> dict[str, int]:
     """The feature dim of each module: ``feature_dim`` (one int, or per name), else :func:`default_feature_dim`.
 
@@ -397,8 +423,9 @@ def record_reference(
     not run and the model is left as training left it (see the module docstring). Every process runs the same
     collectives: under DDP each rank reads its own share of the batches, the ranks agree on each module's number
     of features (one ``all_gather``), and the sums are reduced across ranks, so the statistics cover the global
-    batches; a rank whose share is empty contributes zeros. The LightningModule is called directly, not through the
-    DDP wrapper, so no collective of the user's forward runs.
+    batches; a rank whose share is empty contributes zeros. Every rank uses rank zero's buffers for the pass (see
+    :func:`rank_zero_buffers`). The LightningModule is called directly, not through the DDP wrapper, so no
+    collective of the user's forward (nor DDP's buffer broadcast) runs.
 
     Args:
         trainer: the Trainer that fitted ``pl_module`` (``lightning`` or ``pytorch_lightning``).
@@ -436,7 +463,13 @@ def record_reference(
     recorder = OutputRecorder(modules, dims, device)
     failure = None
     try:
-        with isolated_rng(), evaluating(pl_module), recorder, trainer.precision_plugin.forward_context():
+        with (
+            isolated_rng(),
+            rank_zero_buffers(trainer, pl_module),
+            evaluating(pl_module),
+            recorder,
+            trainer.precision_plugin.forward_context(),
+        ):
             batches = iter(CombinedLoader(loaders, mode="max_size_cycle"))
             for batch, _, _ in itertools.islice(batches, n_batches):
                 run(pl_module, trainer.strategy.batch_to_device(batch))

@@ -536,3 +536,89 @@ def test_metric_without_updates_on_one_rank_still_reduces(tmp_path):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert result["stats"] == ReferenceStats([2.0, 4.0], [1.0, 4.0], 2, -1)  # rank 0's rows alone
         assert result["local_count"] == (2.0 if rank == 0 else 0.0)  # unsynced afterwards
+
+
+class _RankModel(pl.LightningModule):
+    """Rank r of w reads samples r, r + w, ... in batches of 8 // w; ``side`` runs on rank 0 only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.body = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.BatchNorm1d(3), nn.ReLU())
+        self.side = nn.Linear(5, 4)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(15, 2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.body(x)
+        if self.trainer.global_rank == 0:
+            h = h + self.side(h).sum() * 0
+        return self.head(h)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("loss", loss, sync_dist=True)  # a collective in the user's code: not run by the reference pass
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        x, y = _rank_data()
+        return DataLoader(TensorDataset(x[rank::world], y[rank::world]), batch_size=8 // world)
+
+
+def _rank_data() -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    return torch.randn(32, 2, 5, generator=gen), torch.randint(0, 2, (32,), generator=gen)
+
+
+class _WriteReference(Recorder):
+    def __init__(self, path: str) -> None:
+        super().__init__(n_batches=2)
+        self.path = path
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        result = {"reference": self.reference, "reasons": self.reasons, "state": pl_module.state_dict()}
+        torch.save(result, f"{self.path}.rank{trainer.global_rank}")
+
+
+@pytest.mark.ddp
+def test_record_reference_under_ddp_covers_the_global_batches(tmp_path):
+    from tests.helpers import SpawnDDP
+
+    path = str(tmp_path / "reference")
+    model = _RankModel()
+    strategy = SpawnDDP(timeout=timedelta(seconds=60), find_unused_parameters=True)  # `side`: rank 0 only
+    pl.Trainer(
+        callbacks=[_WriteReference(path)],
+        **_fit_kwargs(tmp_path, strategy=strategy, devices=2, use_distributed_sampler=False),
+    ).fit(model)
+    results = [torch.load(f"{path}.rank{r}", weights_only=False) for r in range(2)]
+    assert results[0]["reference"] == results[1]["reference"]  # every rank ends with the same statistics
+    reference = results[0]["reference"]
+    assert results[0]["reasons"] == {} and set(reference) == {"body", "side", "head"}
+    # One process over the same global batches: the first 2 batches of 8 (both ranks' shares of batches 0 and 1).
+    x, _ = _rank_data()
+    fresh = _RankModel()
+    fresh.load_state_dict(results[0]["state"])  # BatchNorm's running statistics moved in training
+    fresh.eval()
+    body_out = fresh.body(x[:16])
+    expected = {
+        "body": as_rows(body_out, 1),
+        "head": as_rows(fresh.head(body_out), -1),
+        # ``side`` ran on rank 0 only (samples 0, 2, 4, ...): rank 1's metric never received an update and reduced
+        "side": as_rows(fresh.side(fresh.body(x[0:16:2])), -1),
+    }
+    for name, rows in expected.items():
+        got = reference[name]
+        assert got.count == rows.shape[0], name
+        assert torch.allclose(torch.tensor(got.mean, dtype=torch.float64), rows.mean(0), atol=1e-6), name
+        assert torch.allclose(torch.tensor(got.var, dtype=torch.float64), rows.var(0, unbiased=False), atol=1e-6), name
+
+
+def as_rows(t: Tensor, dim: int) -> Tensor:
+    t = t.detach().double()
+    return t.movedim(dim, -1).reshape(-1, t.shape[dim])
