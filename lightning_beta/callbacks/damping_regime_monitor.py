@@ -54,8 +54,8 @@ class DampingRegimeMonitor(pl.Callback):
     A step is ``underdamped`` if ``zeta < 1 - tolerance``, ``critical`` within the band, ``overdamped`` above it;
     an epoch's regime is the class of the median ``zeta`` over all of its optimizer steps (not only the logged
     ones). Groups with ``lr == 0`` are skipped. Groups without momentum (Adagrad, SGD or RMSprop at momentum 0)
-    are reported once as unsupported and not logged. Steps that ``torch.cuda.amp.GradScaler`` skips are not
-    counted (the optimizer never ran).
+    are reported once as unsupported and not logged. Steps that a ``GradScaler`` skips are not counted (the
+    optimizer never ran), except for fused optimizers, whose ``step()`` runs and skips the update itself.
 
     Everything is logged through ``LightningModule.log``: per-step metrics on the steps Lightning writes
     (``log_every_n_steps``, 0 meaning never), epoch metrics from ``on_train_epoch_end``, so they reach
