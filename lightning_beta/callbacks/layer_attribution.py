@@ -211,14 +211,8 @@ class LayerAttributionCallback(pl.Callback):
         named = dict(pl_module.named_parameters())
         self._param_group = {id(named[n]): g for g, names in enumerate(self.groups.values()) for n in names}
         self._sharded = is_sharded(trainer.strategy) and trainer.world_size > 1
-        strategy = trainer.strategy
-        self._acc = GroupNormAccumulator(
-            len(self.groups),
-            self.norm_type,
-            pl_module.device,
-            self._buffer_rows,
-            all_reduce=(lambda t, op: strategy.reduce(t, reduce_op=op)) if self._sharded else None,
-        )
+        reduce = _all_reduce if self._sharded else None
+        self._acc = GroupNormAccumulator(len(self.groups), self.norm_type, pl_module.device, self._buffer_rows, reduce)
         self._scaler = grad_scaler(trainer)
         # Resolved on every rank (a broadcast), so rank zero alone never enters a collective later.
         self._directory = Path(self.dirpath) if self.dirpath is not None else artifact_directory(trainer)
@@ -309,7 +303,10 @@ class LayerAttributionCallback(pl.Callback):
         # Every rank runs the reference pass (its share of each batch; the sums are reduced across ranks): on rank
         # zero alone, a collective in ``training_step`` would wait forever for the other ranks.
         modules = group_modules(pl_module, self.groups)
-        reference, _ = record_reference(trainer, pl_module, modules, self.reference_batches)
+        reference, reasons = record_reference(trainer, pl_module, modules, self.reference_batches)
+        if self.reference_batches and reasons:
+            why = "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
+            rank_zero_info(f"LayerAttributionCallback: no reference statistics for {why}.")
         skipped = [name for name in self.groups if name not in reference]
         artifact = self._build_artifact(trainer, complete=True, reference=reference, skipped=skipped)
         if not trainer.is_global_zero:
@@ -469,6 +466,13 @@ class LayerAttributionCallback(pl.Callback):
         self.interval_steps = list(state.get("interval_steps", []))
         self.interval_history = [list(row) for row in state.get("interval_history", [])]
         self._pending = None
+
+
+def _all_reduce(tensor: Tensor, op: str) -> Tensor:
+    """Sum or max of ``tensor`` over all ranks, in place: one collective (``strategy.reduce`` adds a barrier)."""
+    reduce_op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
+    torch.distributed.all_reduce(tensor, op=reduce_op)
+    return tensor
 
 
 def _copies(param: Tensor, world_size: int) -> int:
