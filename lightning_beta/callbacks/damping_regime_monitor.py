@@ -27,9 +27,9 @@ from lightning_beta._optim import (
 )
 from lightning_beta._strategies import is_sharded
 from lightning_beta._tensorboard import tensorboard_experiment, write_layout
-from lightning_beta.functional.curvature import SecantCurvature, check_decay, layer_metrics, secant_layers
+from lightning_beta.functional.curvature import SecantCurvature, check_decay, layer_metrics, merged_state, secant_layers
 from lightning_beta.functional.damping import check_tolerance, classify_regime, damping_ratio
-from lightning_beta.functional.epoch_damping import EpochDamping, StepValues, epoch_metrics, summarize_epoch
+from lightning_beta.functional.epoch_damping import EpochDamping, EpochZetas
 from lightning_beta.functional.epoch_damping import summary_table as _summary_table
 from lightning_beta.functional.momentum import check_curvature, check_rule
 from lightning_beta.layer_groups import GroupBy, check_group_by, group_parameters
@@ -63,22 +63,16 @@ class DampingRegimeMonitor(pl.Callback):
     x-axis of the user's own ``self.log``. Between logging steps nothing is copied to the host: ratios computed
     from tensor lrs or momenta are kept in a device buffer copied once at epoch end.
 
-    ``curvature="secant"`` (beyond the method's ``lambda = 1``) measures the stiffness of each layer group (see
-    :func:`~lightning_beta.layer_groups.group_parameters`) on the device from consecutive steps,
-    ``lambda_hat = ||g_t - g_{t-1}|| / ||theta_t - theta_{t-1}||`` smoothed by an EMA
-    (:class:`~lightning_beta.functional.curvature.SecantCurvature`), and logs it with a measured ``zeta`` per
-    layer. The per-group metrics and the epoch regimes then keep ``curvature = 1``. The gradients and parameters
-    are both read in ``on_before_optimizer_step``: raw (before gradient clipping) and unscaled (divided on the
-    device by the pending loss scale of a fused optimizer under fp16 AMP). Cost: two extra copies of the
-    trainable parameters (in their dtype) and, per step, two in-place subtractions, two copies and two
-    ``_foreach_norm`` calls; the estimates are copied to the host once per logging step. A layer's curvature uses
-    the lr and momentum of the param group holding its first parameter. With mini-batches, ``g_t`` and
-    ``g_{t-1}`` come from different batches, so the secant also measures gradient noise divided by the step
-    length: it is exact on a deterministic quadratic but biased upwards under SGD noise, the more so as the lr
-    (and so the step) shrinks. Read it as a trend, not as the Hessian's spectrum. Under FSDP2
-    (``ModelParallelStrategy`` with ``fully_shard`` over the data-parallel mesh) each rank measures its own shards
-    and the squared sums are summed over the ranks in one collective per logging step (and at epoch end), so the
-    curvature is that of the whole tensors; FSDP1 and DeepSpeed, which flatten the parameters, are refused.
+    ``curvature="secant"`` (beyond the method's ``lambda = 1``) also measures the stiffness of each layer group
+    (:func:`~lightning_beta.layer_groups.group_parameters`) from consecutive steps, ``||g_t - g_{t-1}|| /
+    ||theta_t - theta_{t-1}||`` smoothed by an EMA, on the device
+    (:class:`~lightning_beta.functional.curvature.SecantCurvature`: costs, noise bias, skipped steps), and logs
+    it with a measured ``zeta`` per layer, at the lr and momentum of the param group holding the layer's first
+    parameter; the per-group metrics keep ``curvature = 1``. Gradients and parameters are read together in
+    ``on_before_optimizer_step``: raw (before clipping) and unscaled (a fused optimizer's pending fp16 loss scale
+    divided out on the device). Under FSDP2 (``ModelParallelStrategy`` with ``fully_shard``) each rank measures
+    its shards and the squared sums are summed over ranks in one collective per logging step and at epoch end;
+    FSDP1 and DeepSpeed, which flatten the parameters, are refused.
 
     Logged metrics (``<g>`` is empty for one param group, else ``/<group name or pgN>``, with ``/optK`` in front
     with several optimizers, as for ``beta/momentum``):
@@ -176,8 +170,7 @@ class DampingRegimeMonitor(pl.Callback):
         self.history = []
         # Epoch accumulators: group suffix -> zeta of every optimizer step of the epoch.
         self._epoch: int | None = None
-        self._zetas: dict[str, StepValues] = {}
-        self._labels: dict[str, str] = {}
+        self._zetas = EpochZetas()
         self._last_step = 0
         self._pending: dict[int, int] = {}
         self._reported: set[str] = set()
@@ -257,11 +250,10 @@ class DampingRegimeMonitor(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Hand the batch's step metrics to Lightning, which writes them with the user's own ``self.log`` values.
+        """Hand the batch's step metrics to Lightning, once, in the row of the user's own ``self.log`` values.
 
-        Not from the step hook itself: in the first batch of an epoch Lightning drops the values already logged
-        from a hook when logging returns to it from another one, which happens under manual optimization when
-        several optimizers step inside ``training_step`` and another callback logs in ``on_before_optimizer_step``.
+        Not from the step hook: in an epoch's first batch Lightning drops what a hook logged when logging comes back
+        to it from another hook (several manual optimizer steps in ``training_step``).
         """
         if self._step_metrics:
             log_step(pl_module, self._step_metrics)
@@ -348,8 +340,7 @@ class DampingRegimeMonitor(pl.Callback):
             if momentum is None:
                 continue
             zeta = damping_ratio(momentum, effective_lr(group), self._value_curvature, self.rule)
-            self._zetas.setdefault(suffix, StepValues()).append(zeta)
-            self._labels.setdefault(suffix, _label(suffix, groups, group_idx))
+            self._zetas.append(suffix, _label(suffix, groups, group_idx), zeta)
             if logging:
                 # Copies of tensor lr and momentum: a scheduler may write them in place before the batch ends.
                 metrics[f"damping/zeta{suffix}"] = zeta
@@ -455,15 +446,10 @@ class DampingRegimeMonitor(pl.Callback):
 
     def _finish_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, log: bool) -> None:
         epoch = self._epoch if self._epoch is not None else trainer.current_epoch
-        metrics: dict[str, float] = {}
-        for suffix, values in self._zetas.items():
-            record = summarize_epoch(epoch, self._labels.get(suffix, suffix), values.to_list(), self.tolerance)
-            if record is not None:
-                self.history.append(record)
-                metrics.update(epoch_metrics(record, suffix))
+        records, metrics = self._zetas.finish(epoch, self.tolerance)
+        self.history.extend(records)
         if log:
             log_epoch(pl_module, metrics)
-        self._zetas = {}
         self._epoch = None
 
     def summary(self) -> str:
@@ -504,36 +490,22 @@ class DampingRegimeMonitor(pl.Callback):
     # ---------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
-        secant = None
-        if self._secant:
-            self._flush()  # Lightning dumps the callbacks' state on every rank
-            states = [estimator.state_dict() for estimator, _ in self._secant.values()]
-            secant = {
-                "names": [n for s in states for n in s["names"]],  # type: ignore[attr-defined]
-                "curvature": torch.cat([s["curvature"] for s in states]),  # type: ignore[misc]
-                "count": torch.cat([s["count"] for s in states]),  # type: ignore[misc]
-            }
+        self._flush()  # Lightning dumps the callbacks' state on every rank: the FSDP2 collective matches
         return {
             "version": _STATE_VERSION,
             "history": [asdict(r) for r in self.history],
             "epoch": self._epoch,
-            "zetas": {suffix: values.to_list() for suffix, values in self._zetas.items()},
-            "labels": dict(self._labels),
+            **self._zetas.state_dict(),
             "last_step": self._last_step,
             "reported": sorted(self._reported),
-            "secant": secant,
+            "secant": merged_state([estimator for estimator, _ in self._secant.values()]),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_state_version("DampingRegimeMonitor", state_dict, _STATE_VERSION)
         self.history = [EpochDamping(**r) for r in state_dict["history"]]
         self._epoch = state_dict["epoch"]
-        self._zetas = {}
-        for suffix, values in state_dict["zetas"].items():
-            buffer = self._zetas[suffix] = StepValues()
-            for value in values:
-                buffer.append(float(value))
-        self._labels = dict(state_dict["labels"])
+        self._zetas.load_state_dict(state_dict)
         self._last_step = int(state_dict["last_step"])
         self._reported = set(state_dict["reported"])
         self._secant_state = state_dict["secant"]

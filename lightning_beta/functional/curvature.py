@@ -139,6 +139,10 @@ class SecantCurvature:
     call, two in-place subtractions, two copies and two ``_foreach_norm`` calls. Nothing is read on the host:
     :attr:`curvature` is a device tensor.
 
+    With mini-batches, ``g_t`` and ``g_{t-1}`` come from different batches, so the secant also measures gradient
+    noise divided by the step length: exact on a deterministic quadratic, biased upwards under SGD noise, the more
+    so as the lr (and so the step) shrinks. Read it as a trend, not as the Hessian's spectrum.
+
     A group's estimate needs two consecutive readings with every gradient present; a step where a tracked
     parameter has no gradient restarts that group's pairing. A step skipped by a GradScaler (non-finite
     gradients, parameters unchanged) gives an undefined ratio on both of its pairs, which leaves the average
@@ -428,3 +432,21 @@ def layer_metrics(
 
 def _host(value: float | Tensor) -> float:
     return float(value.item()) if isinstance(value, Tensor) else float(value)
+
+
+def merged_state(estimators: Sequence[SecantCurvature]) -> dict[str, object] | None:
+    """One state for several estimators over distinct layer groups (``None`` for none); each loads its own part.
+
+    Example:
+        >>> a, b = SecantCurvature({"a": [torch.ones(1)]}), SecantCurvature({"b": [torch.ones(1)]})
+        >>> merged_state([a, b])["names"]
+        ['a', 'b']
+    """
+    if not estimators:
+        return None
+    states = [estimator.state_dict() for estimator in estimators]
+    return {
+        "names": [n for s in states for n in s["names"]],  # type: ignore[attr-defined]
+        "curvature": torch.cat([s["curvature"] for s in states]),  # type: ignore[misc]
+        "count": torch.cat([s["count"] for s in states]),  # type: ignore[misc]
+    }

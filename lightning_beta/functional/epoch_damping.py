@@ -166,3 +166,55 @@ class StepValues:
         if self._buffer is None or self._size == 0:
             return list(self._host)
         return self._host + [float(v) for v in self._buffer[: self._size].tolist()]
+
+
+class EpochZetas:
+    """The damping ratios of every param group over the current epoch, and their summary at its end.
+
+    Example:
+        >>> epoch = EpochZetas()
+        >>> for zeta in (0.5, torch.tensor(0.7), 2.0):
+        ...     epoch.append("", "pg0", zeta)
+        >>> records, metrics = epoch.finish(0, tolerance=0.1)
+        >>> records[0].median_zeta, metrics["damping/epoch_regime"]
+        (0.699999988079071, -1.0)
+        >>> len(epoch)
+        0
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, StepValues] = {}
+        self.labels: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.values.values())
+
+    def append(self, suffix: str, label: str, zeta: float | Tensor) -> None:
+        """Add one step's ratio of the group logged under ``suffix`` and named ``label`` (no host sync)."""
+        self.values.setdefault(suffix, StepValues()).append(zeta)
+        self.labels.setdefault(suffix, label)
+
+    def finish(self, epoch: int, tolerance: float) -> tuple[list[EpochDamping], dict[str, float]]:
+        """Summarise the epoch (one host copy per group) and start the next: the records and their log keys."""
+        records: list[EpochDamping] = []
+        metrics: dict[str, float] = {}
+        for suffix, values in self.values.items():
+            record = summarize_epoch(epoch, self.labels.get(suffix, suffix), values.to_list(), tolerance)
+            if record is not None:
+                records.append(record)
+                metrics.update(epoch_metrics(record, suffix))
+        self.values = {}
+        return records, metrics
+
+    def state_dict(self) -> dict[str, object]:
+        """``zetas`` (suffix to floats) and ``labels``, the layout of state version 1."""
+        return {"zetas": {s: v.to_list() for s, v in self.values.items()}, "labels": dict(self.labels)}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.values = {}
+        for suffix, zetas in state["zetas"].items():  # type: ignore[attr-defined]
+            buffer = self.values[suffix] = StepValues()
+            for zeta in zetas:
+                buffer.append(float(zeta))
+        self.labels = dict(state["labels"])  # type: ignore[call-overload]

@@ -22,7 +22,6 @@ from lightning_beta._logging import is_logging_step
 from lightning_beta.callbacks.beta_momentum import BetaMomentumCallback
 from lightning_beta.callbacks.damping_regime_monitor import DampingRegimeMonitor, EpochDamping
 from lightning_beta.functional.damping import classify_regime
-from lightning_beta.functional.epoch_damping import StepValues
 from tests.helpers import StepRecorder, TinyModel, make_loader, read_scalars, trainer_kwargs
 
 TOL = 0.1
@@ -342,16 +341,15 @@ def test_other_logger_skips_layout(tmp_path: Path, caplog: pytest.LogCaptureFixt
 def test_state_dict_round_trip_and_version() -> None:
     monitor = DampingRegimeMonitor()
     monitor.history = [EpochDamping(0, "pg0", 0.5, "underdamped", {"underdamped": 1.0}, 3)]
-    values = StepValues()
-    values.append(0.5)
-    values.append(torch.tensor(0.7))
-    monitor._epoch, monitor._zetas, monitor._last_step = 1, {"": values}, 5
+    monitor._zetas.append("", "pg0", 0.5)
+    monitor._zetas.append("", "pg0", torch.tensor(0.7))
+    monitor._epoch, monitor._last_step = 1, 5
     state = monitor.state_dict()
     assert state["zetas"] == {"": [0.5, pytest.approx(0.7)]}
     other = DampingRegimeMonitor()
     other.load_state_dict(state)
     assert other.history == monitor.history and other._epoch == 1 and other._last_step == 5
-    assert other._zetas[""].to_list() == [0.5, pytest.approx(0.7)]
+    assert other._zetas.values[""].to_list() == [0.5, pytest.approx(0.7)]
     with pytest.raises(ValueError, match="DampingRegimeMonitor state has version 0; this release reads version 1"):
         other.load_state_dict({**state, "version": 0})
 
@@ -379,7 +377,7 @@ def test_previous_release_state_resumes() -> None:
     }
     monitor = DampingRegimeMonitor(curvature="secant")
     monitor.load_state_dict(state)
-    assert monitor.history[0].median_zeta == 0.5 and monitor._zetas[""].to_list() == [0.6, 0.7]
+    assert monitor.history[0].median_zeta == 0.5 and monitor._zetas.values[""].to_list() == [0.6, 0.7]
     assert monitor._secant_state is state["secant"]
 
 
