@@ -27,7 +27,7 @@ def tensorboard_experiment(trainer: Any) -> Any | None:
     types = _tensorboard_logger_types()
     for logger in trainer.loggers:
         if isinstance(logger, types):
-            return logger.experiment
+            return getattr(logger, "experiment", None)
     return None
 
 
