@@ -1,0 +1,202 @@
+"""The probe localizer against the drift localizer on a fault that keeps per-channel statistics, and its record."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_beta.diagnosis import activation_drift, reference_statistics
+from lightning_beta.diagnosis.probe import PROBE_VERSION, ProbeRecord, probe_localize, record_probe
+
+
+def _mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+
+
+def _data(n: int = 256) -> tuple[torch.Tensor, DataLoader]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 4, generator=gen)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    return x, DataLoader(TensorDataset(x, y), batch_size=64)
+
+
+def _moment_matched_permutation(net: nn.Sequential, x: torch.Tensor) -> nn.Sequential:
+    """Layer 0's output units permuted, each rescaled and shifted to the mean and std of the unit it replaces.
+
+    On ``x`` every unit keeps its mean and variance exactly (up to float rounding): per-unit statistics cannot see
+    the fault, yet the function changed.
+    """
+    bad = _mlp()
+    bad.load_state_dict(net.state_dict())
+    layer = bad[0]
+    with torch.no_grad():
+        z = layer(x).double()
+        mu, sd = z.mean(0), z.std(0)
+        pi = torch.roll(torch.arange(16), 5)  # a derangement
+        a = sd / sd[pi]
+        b = mu - a * mu[pi]
+        w, c = layer.weight.double(), layer.bias.double()
+        layer.weight.copy_(a[:, None] * w[pi])
+        layer.bias.copy_(a * c[pi] + b)
+    return bad.eval()
+
+
+def test_probe_finds_a_fault_drift_cannot_see() -> None:
+    net = _mlp()
+    x, loader = _data()
+    ref = reference_statistics(net, loader)
+    record = record_probe(net, x[:128])
+    bad = _moment_matched_permutation(net, x)
+
+    drift = activation_drift(bad, loader, ref)
+    # The faulty group's per-unit statistics did not move; the drift it causes shows up downstream.
+    assert drift.details["output"]["0"] < 1e-4
+    assert drift.details["output"]["2"] > 0.1
+    assert drift.ranking[0] != "0"
+
+    probe = probe_localize(bad, record)
+    assert probe.method == "probe"
+    assert probe.ranking[0] == "0"
+    # Replay isolates each group: the unchanged groups reproduce their reference outputs exactly ...
+    assert probe.scores["2"] == 0.0 and probe.scores["4"] == 0.0
+    assert probe.details["own"]["2"] == 0.0 and probe.details["own"]["4"] == 0.0
+    # ... although their outputs on the probe inputs changed.
+    assert probe.details["output"]["2"] > 0.1 and probe.details["output"]["4"] > 0.1
+
+    first = probe_localize(bad, record, replay=False)
+    assert first.ranking[0] == "0"
+    assert first.scores == {"0": probe.scores["0"], "2": 0.0, "4": 0.0}
+    assert "not replayed" in (first.message or "")
+
+
+def test_scores_and_sketches_match_a_recomputation() -> None:
+    net = _mlp()
+    x, _ = _data()
+    record = record_probe(net, x[:64], sketch_dim=8, seed=3)
+    # The documented projection of group number i: N(0, 1/k) from a generator seeded with seed * 1_000_003 + i.
+    proj = {
+        name: torch.randn(16 if name != "4" else 3, 8, generator=torch.Generator().manual_seed(3 * 1_000_003 + i))
+        / math.sqrt(8)
+        for i, name in enumerate(["0", "2", "4"])
+    }
+    with torch.no_grad():
+        h0 = net[0](x[:64])
+        h2 = net[2](torch.relu(h0))
+    torch.testing.assert_close(record.sketches["0"], h0 @ proj["0"])
+    torch.testing.assert_close(record.sketches["2"], h2 @ proj["2"])
+    torch.testing.assert_close(record.replay_inputs["2"][0][0], torch.relu(h0))
+
+    bad = _mlp()
+    bad.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        bad[2].weight.mul_(-1.0)
+    scores = probe_localize(bad, record)
+    with torch.no_grad():
+        own = bad[2](torch.relu(h0)) @ proj["2"]
+    expected = float(torch.linalg.vector_norm(own - h2 @ proj["2"]) / torch.linalg.vector_norm(h2 @ proj["2"]))
+    assert scores.scores["2"] == pytest.approx(expected, rel=1e-5)
+    assert scores.scores["0"] == 0.0 and scores.scores["4"] == 0.0
+    assert scores.details["output"]["4"] > 0  # downstream of the fault
+
+
+def test_two_faults_are_both_scored_with_replay() -> None:
+    net = _mlp()
+    x, _ = _data()
+    record = record_probe(net, x[:64])
+    bad = _moment_matched_permutation(net, x)
+    with torch.no_grad():
+        bad[4].bias.add_(1.0)
+    scores = probe_localize(bad, record)
+    assert scores.scores["0"] > 0 and scores.scores["4"] > 0 and scores.scores["2"] == 0.0
+    assert probe_localize(net, record).degenerate  # the healthy model: nothing changed
+    assert "no group's function changed" in (probe_localize(net, record).message or "")
+
+
+def test_batchnorm_model_is_left_as_it_was_and_dataloader_inputs() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2))
+    net.train()
+    x = torch.randn(50, 1, 4, 4)
+    with torch.no_grad():
+        net(x)  # running statistics that are not the defaults
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    loader = DataLoader(TensorDataset(x, torch.zeros(50, dtype=torch.long)), batch_size=16)
+    record = record_probe(net, loader, max_samples=40)
+    assert record.n_samples == 40
+    torch.testing.assert_close(record.inputs, x[:40])
+    assert record.order == ["0", "1", "4"]
+    assert net.training and all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert probe_localize(net, record).degenerate
+    assert net.training and all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    with torch.no_grad():
+        net[1].running_mean.add_(0.5)  # a fault in a buffer: the BatchNorm group's function changed
+    assert probe_localize(net, record).ranking[0] == "1"
+
+
+def test_save_load_round_trip(tmp_path) -> None:
+    net = _mlp()
+    x, _ = _data()
+    record = record_probe(net, x[:64], sketch_dim=16, seed=2)
+    path = record.save(tmp_path / "sub" / "probe.pt")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["probe.pt"]  # no temporary file left
+    loaded = ProbeRecord.load(path)
+    assert loaded.order == record.order and loaded.shapes == record.shapes and loaded.version == PROBE_VERSION
+    assert (loaded.sketch_dim, loaded.seed, loaded.group_by) == (16, 2, "auto")
+    assert all(torch.equal(loaded.sketches[k], record.sketches[k]) for k in record.order)
+    assert torch.equal(loaded.inputs, record.inputs) and loaded.nbytes == record.nbytes
+    bad = _moment_matched_permutation(net, x)
+    assert probe_localize(bad, loaded).scores == probe_localize(bad, record).scores
+
+    torch.save({"version": 99, "sketches": {}}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"holds a probe record of version 99; this release reads version 1"):
+        ProbeRecord.load(tmp_path / "old.pt")
+    torch.save([1, 2], tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"holds no probe record"):
+        ProbeRecord.load(tmp_path / "other.pt")
+
+
+def test_record_without_replay_is_small() -> None:
+    net = _mlp()
+    x, _ = _data()
+    full = record_probe(net, x[:64])
+    small = record_probe(net, x[:64], replay=False)
+    assert small.replay_inputs == {} and small.nbytes < full.nbytes
+    assert small.nbytes == (64 * 4 + 3 * 64 * 64) * 4  # the inputs and three (64, 64) float32 sketches
+
+
+def test_bad_inputs() -> None:
+    net = _mlp()
+    x, _ = _data()
+    with pytest.raises(TypeError, match=r"`model` must be a torch.nn.Module, got str"):
+        record_probe("net", x)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"`inputs` must be a tensor or an iterable of batches, got int"):
+        record_probe(net, 3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"`inputs` as an iterable must yield tensors"):
+        record_probe(net, [["a"]])
+    with pytest.raises(ValueError, match=r"`inputs` must hold at least one sample along dim 0, got shape \(0, 4\)"):
+        record_probe(net, torch.zeros(0, 4))
+    with pytest.raises(ValueError, match=r"`inputs` yielded no batch"):
+        record_probe(net, [])
+    with pytest.raises(ValueError, match=r"`sketch_dim` must be >= 1, got 0"):
+        record_probe(net, x, sketch_dim=0)
+    with pytest.raises(TypeError, match=r"`sketch_dim` must be an int, got float"):
+        record_probe(net, x, sketch_dim=1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"`replay` must be a bool, got str"):
+        record_probe(net, x, replay="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`groups`: `group_by` as a module depth must be >= 1, got 0"):
+        record_probe(net, x, groups=0)
+    record = record_probe(net, x[:32])
+    with pytest.raises(TypeError, match=r"`record` must be a ProbeRecord \(from record_probe\), got dict"):
+        probe_localize(net, {})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`tolerance` must be in \[0.0, inf\], got -1.0"):
+        probe_localize(net, record, tolerance=-1.0)
+    wider = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"`model` does not fit the record: group '2' outputs shape \(32, 8\)"):
+        probe_localize(wider, record, replay=False)
+    with pytest.raises(ValueError, match=r"`model` has no group module \['2', '4'\] of the record"):
+        probe_localize(nn.Sequential(nn.Linear(4, 3)), record)
