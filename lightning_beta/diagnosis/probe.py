@@ -44,7 +44,8 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+import zlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,9 +208,13 @@ def _probe_inputs(inputs: Any, max_samples: int) -> Tensor:
     return x[:max_samples].detach().cpu().clone()
 
 
-def _projection(seed: int, index: int, width: int, sketch_dim: int, device: torch.device) -> Tensor:
-    """The fixed Gaussian projection of group number ``index``: ``(width, sketch_dim)``, entries N(0, 1/sketch_dim)."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+def _projection(seed: int, name: str, width: int, sketch_dim: int, device: torch.device) -> Tensor:
+    """The fixed Gaussian projection of group ``name``: ``(width, sketch_dim)``, entries N(0, 1/sketch_dim).
+
+    Drawn from a CPU generator seeded with ``seed * 1_000_003 + crc32(name)``, so each group's matrix depends on its
+    name only, not on which other groups were recorded.
+    """
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     return (torch.randn(width, sketch_dim, generator=gen) / math.sqrt(sketch_dim)).to(device)
 
 
@@ -258,13 +263,22 @@ def _storable(value: Any) -> bool:
 
 
 class _Capture:
-    """Forward hooks recording each group's output (and optionally its inputs) on one forward pass."""
+    """Forward hooks sketching each group's output (and optionally copying its inputs) on one forward pass.
 
-    def __init__(self, modules: Mapping[str, nn.Module], inputs: bool) -> None:
+    The output is sketched and the inputs copied inside the hooks, before a later in-place operation (an
+    ``nn.ReLU(inplace=True)`` after the group) can change them.
+    """
+
+    def __init__(
+        self, modules: Mapping[str, nn.Module], n_samples: int, sketch: Callable[[str, Tensor], Tensor], inputs: bool
+    ) -> None:
         self.modules = modules
+        self.n_samples = n_samples
+        self.sketch = sketch
         self.inputs = inputs
         self.order: list[str] = []
-        self.outputs: dict[str, Tensor] = {}
+        self.sketches: dict[str, Tensor] = {}
+        self.shapes: dict[str, list[int]] = {}
         self.arguments: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self.calls: dict[str, int] = {}
         self.reasons: dict[str, str] = {}
@@ -285,7 +299,7 @@ class _Capture:
     def _pre(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if name not in self.arguments:
-                self.arguments[name] = (tuple(args), dict(kwargs))
+                self.arguments[name] = (_cpu(tuple(args)), _cpu(dict(kwargs)))
 
         return hook
 
@@ -298,19 +312,30 @@ class _Capture:
             tensor = output_tensor(output)
             if tensor is None:
                 self.reasons[name] = f"its output ({type(output).__name__}) holds no floating-point tensor"
+            elif tensor.dim() == 0 or tensor.shape[0] != self.n_samples:
+                self.reasons[name] = (
+                    f"its output of shape {tuple(tensor.shape)} is not batch-first over the {self.n_samples} probes"
+                )
             else:
-                self.outputs[name] = tensor
+                self.shapes[name] = list(tensor.shape[1:])
+                self.sketches[name] = self.sketch(name, tensor)
 
         return hook
 
 
-def _run(model: nn.Module, inputs: Tensor, modules: Mapping[str, nn.Module], capture_inputs: bool) -> _Capture:
-    capture = _Capture(modules, capture_inputs)
+def _run(
+    model: nn.Module,
+    inputs: Tensor,
+    modules: Mapping[str, nn.Module],
+    sketch: Callable[[str, Tensor], Tensor],
+    capture_inputs: bool,
+) -> _Capture:
+    capture = _Capture(modules, inputs.shape[0], sketch, capture_inputs)
     with evaluating(model), capture:
         model(inputs.to(model_device(model)))
     for name, calls in capture.calls.items():
         if calls > 1:
-            capture.reasons.setdefault(name, f"its module ran {calls} times in one forward pass (a reused module)")
+            capture.reasons[name] = f"its module ran {calls} times in one forward pass (a reused module)"
     for name in modules:
         if name not in capture.calls:
             capture.reasons.setdefault(name, "its module did not run in the forward pass")
@@ -377,44 +402,38 @@ def record_probe(
     check_int("seed", seed, minimum=0)
     check_bool("replay", replay)
     check_int("max_samples", max_samples, minimum=1)
-    group_by, _, modules = _groups(model, groups)
+    group_by, params, modules = _groups(model, groups)
     x = _probe_inputs(inputs, max_samples)
-    capture = _run(model, x, modules, capture_inputs=replay)
-    sketches: dict[str, Tensor] = {}
-    shapes: dict[str, list[int]] = {}
     fingerprints: dict[str, list[float]] = {}
-    replay_inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-    reasons = dict(capture.reasons)
-    order = [name for name in capture.order if name not in reasons]
-    for index, name in enumerate(order):
-        out = capture.outputs[name]
-        if out.dim() == 0 or out.shape[0] != x.shape[0]:
-            reasons[name] = f"its output of shape {tuple(out.shape)} is not batch-first over the {x.shape[0]} probes"
-            continue
-        proj = _projection(seed, index, out[0].numel(), sketch_dim, out.device)
-        sketches[name] = _sketch(out, proj).float().cpu()
-        shapes[name] = list(out.shape[1:])
+
+    def sketch(name: str, output: Tensor) -> Tensor:
+        proj = _projection(seed, name, output[0].numel(), sketch_dim, output.device)
         fingerprints[name] = proj.flatten()[:4].cpu().tolist()
-        if replay:
-            args, kwargs = capture.arguments[name]
-            if _storable((args, kwargs)):
-                replay_inputs[name] = (_cpu(args), _cpu(kwargs))
-            else:
-                reasons[name] = "recorded without replay inputs: its module received a value torch.load cannot read"
-    order = [name for name in order if name in sketches]
+        return _sketch(output, proj).float().cpu()
+
+    capture = _run(model, x, modules, sketch, capture_inputs=replay)
+    reasons = {name: "the group is not one module's parameters" for name in params if name not in modules}
+    reasons.update(capture.reasons)
+    order = [name for name in capture.order if name not in reasons]
+    replay_inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+    for name in order if replay else []:
+        if _storable(capture.arguments[name]):
+            replay_inputs[name] = capture.arguments[name]
+        else:
+            reasons[name] = "recorded without replay inputs: its module received a value torch.load cannot read"
     if not order:
         raise ValueError(f"no group's output could be recorded on the probe inputs: {reasons}")
     return ProbeRecord(
         inputs=x,
         order=order,
-        sketches=sketches,
-        shapes=shapes,
+        sketches={name: capture.sketches[name] for name in order},
+        shapes={name: capture.shapes[name] for name in order},
         sketch_dim=sketch_dim,
         seed=seed,
         group_by=_plain_group_by(group_by),
         replay_inputs=replay_inputs,
         reasons=reasons,
-        fingerprints=fingerprints,
+        fingerprints={name: fingerprints[name] for name in order},
     )
 
 
@@ -460,29 +479,29 @@ def probe_localize(model: nn.Module, record: ProbeRecord, tolerance: float = 1e-
             f"`model` has no group module {missing} of the record; its groups are {list(modules)}: record the probe"
             " on this model"
         )
-    capture = _run(model, record.inputs, {name: modules[name] for name in record.order}, capture_inputs=False)
     device = model_device(model)
-    output: dict[str, float] = {}
-    own: dict[str, float] = {}
     projections: dict[str, Tensor] = {}
-    for index, name in enumerate(record.order):
-        shape = record.shapes[name]
-        proj = _projection(record.seed, index, math.prod(shape), record.sketch_dim, device)
+    for name in record.order:
+        proj = _projection(record.seed, name, math.prod(record.shapes[name]), record.sketch_dim, device)
         if proj.flatten()[:4].cpu().tolist() != record.fingerprints[name]:
             raise ValueError(
                 f"`record`'s projection of group {name!r} cannot be regenerated by this torch release: record the"
                 " probe again"
             )
         projections[name] = proj
-        out = capture.outputs.get(name)
-        if out is None:
-            continue
-        if list(out.shape[1:]) != shape or out.shape[0] != record.n_samples:
+
+    def sketch(name: str, output: Tensor) -> Tensor:
+        if list(output.shape[1:]) != record.shapes[name]:
             raise ValueError(
-                f"`model` does not fit the record: group {name!r} outputs shape {tuple(out.shape)}, the record has"
-                f" ({record.n_samples}, {', '.join(map(str, shape))})"
+                f"`model` does not fit the record: group {name!r} outputs shape {tuple(output.shape)}, the record has"
+                f" ({record.n_samples}, {', '.join(map(str, record.shapes[name]))})"
             )
-        output[name] = _relative_change(_sketch(out, proj), record.sketches[name])
+        return _sketch(output, projections[name])
+
+    recorded = {name: modules[name] for name in record.order}
+    capture = _run(model, record.inputs, recorded, sketch, capture_inputs=False)
+    output = {name: _relative_change(now, record.sketches[name]) for name, now in capture.sketches.items()}
+    own: dict[str, float] = {}
     if replay and record.replay_inputs:
         with evaluating(model):
             for name in record.order:
@@ -490,8 +509,8 @@ def probe_localize(model: nn.Module, record: ProbeRecord, tolerance: float = 1e-
                     continue
                 args, kwargs = _to(record.replay_inputs[name], device)
                 out = output_tensor(modules[name](*args, **kwargs))
-                if out is not None and list(out.shape[1:]) == record.shapes[name]:
-                    own[name] = _relative_change(_sketch(out, projections[name]), record.sketches[name])
+                if out is not None and out.dim() > 0 and out.shape[0] == record.n_samples:
+                    own[name] = _relative_change(sketch(name, out), record.sketches[name])
     scores, message = _rule(record, params, output, own, tolerance)
     details = {"output": output, **({"own": own} if own else {})}
     return LayerScores(

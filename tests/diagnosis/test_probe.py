@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -80,9 +81,9 @@ def test_scores_and_sketches_match_a_recomputation() -> None:
     record = record_probe(net, x[:64], sketch_dim=8, seed=3)
     # The documented projection of group number i: N(0, 1/k) from a generator seeded with seed * 1_000_003 + i.
     proj = {
-        name: torch.randn(16 if name != "4" else 3, 8, generator=torch.Generator().manual_seed(3 * 1_000_003 + i))
+        name: torch.randn(width, 8, generator=torch.Generator().manual_seed(3 * 1_000_003 + zlib.crc32(name.encode())))
         / math.sqrt(8)
-        for i, name in enumerate(["0", "2", "4"])
+        for name, width in (("0", 16), ("2", 16), ("4", 3))
     }
     with torch.no_grad():
         h0 = net[0](x[:64])
@@ -136,6 +137,29 @@ def test_batchnorm_model_is_left_as_it_was_and_dataloader_inputs() -> None:
     with torch.no_grad():
         net[1].running_mean.add_(0.5)  # a fault in a buffer: the BatchNorm group's function changed
     assert probe_localize(net, record).ranking[0] == "1"
+
+
+def test_in_place_ops_after_a_group_and_a_reused_module() -> None:
+    torch.manual_seed(0)
+    # The ReLU overwrites group "0"'s output in place: the sketch must be taken before it runs.
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+    x = torch.randn(32, 4)
+    record = record_probe(net, x)
+    scores = probe_localize(net, record)
+    assert scores.degenerate and scores.details["own"] == {"0": 0.0, "2": 0.0}
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.inner(self.inner(x)))
+
+    record = record_probe(Twice(), x)
+    assert record.order == ["head"]
+    assert record.reasons == {"inner": "its module ran 2 times in one forward pass (a reused module)"}
 
 
 def test_save_load_round_trip(tmp_path) -> None:
