@@ -24,7 +24,7 @@ from lightning_beta.diagnosis.flag import flag_layers
 from lightning_beta.diagnosis.kinetic import kinetic_energy_probe
 from lightning_beta.diagnosis.localize import attribute_errors
 from lightning_beta.diagnosis.scores import LayerScores
-from lightning_beta.diagnosis.treat import SurgeryResult, check_trainer_kwargs, surgical_correction
+from lightning_beta.diagnosis.treat import Policy, SurgeryResult, check_trainer_kwargs, surgical_correction
 from lightning_beta.diagnosis.verify import Verification, verify
 from lightning_beta.layer_groups import GroupBy, group_parameters
 
@@ -170,6 +170,8 @@ class DiagnosisReport:
             header = ["run", "groups", "params trained", "steps", "wall s", "acc before", "acc after"]
             header += ["fixed", "broken", "net"]
             out += ["## Treat and verify", "", markdown_table(header, table, align="llrrrrrrrr")]
+            if self.surgery.stages:
+                out += ["", _stages_markdown(self.surgery)]
             if self.worse:
                 out += ["", f"**Worse**: {self.message}"]
             compute = self.compute
@@ -180,6 +182,34 @@ class DiagnosisReport:
                     f" {compute['steps_fraction']:.1%} of its optimizer steps (measured).",
                 ]
         return "\n".join(out) + "\n"
+
+
+def _stages_markdown(surgery: SurgeryResult) -> str:
+    """What the search policy did, stage by stage, and what it chose."""
+    rows = [
+        [
+            s["stage"],
+            ", ".join(s["groups"]),
+            f"{s['lr']:g}",
+            "yes" if s["reinit"] else "no",
+            s["optimizer_steps"],
+            f"{s['wall_time_s']:.2f}",
+            f"{s['holdout_accuracy']:.4f}",
+        ]
+        for s in surgery.stages
+    ]
+    header = ["stage", "groups", "lr", "reinit", "steps", "wall s", "held-out acc"]
+    widened = ", ".join(surgery.widened_to) or "no"
+    return "\n".join(
+        [
+            f"policy {surgery.policy}: lr {surgery.lr:g} chosen of {surgery.lrs_tried}, reinit"
+            f" {'yes' if surgery.reinit else 'no'}, widened to {widened}; {surgery.optimizer_steps} of"
+            f" {surgery.budget_steps} budgeted optimizer steps; held-out accuracy"
+            f" {surgery.holdout_accuracy['input']:.4f} -> {surgery.holdout_accuracy['final']:.4f}",
+            "",
+            markdown_table(header, rows, align="llrlrrr"),
+        ]
+    )
 
 
 def _localize(
@@ -219,6 +249,9 @@ def diagnose(
     selection: Literal["layers", "parameters"] = "layers",
     baseline: bool = False,
     baseline_epochs: int | None = None,
+    policy: Policy = "fixed",
+    budget: float = 0.3,
+    full_steps: int | None = None,
     loss_fn: LossFn | None = None,
     predict: Predict | None = None,
     **trainer_kwargs: Any,
@@ -245,6 +278,12 @@ def diagnose(
         selection: ``"layers"`` or ``"parameters"`` (same budget). Defaults to ``"layers"``.
         baseline: also retrain every group, to measure the compute saved. Defaults to ``False``.
         baseline_epochs: epochs of the baseline. Defaults to ``max_epochs``.
+        policy: the treatment policy of :func:`surgical_correction`: ``"fixed"`` (``max_epochs`` at ``lr``) or
+            ``"search"`` (lr search, re-initialisation, widening and early stopping on a held-out split of
+            ``train_dataloaders``, within ``budget * full_steps`` optimizer steps). Defaults to ``"fixed"``.
+        budget: share of ``full_steps`` the treatment may spend. Defaults to ``0.3``.
+        full_steps: optimizer steps of full retraining from scratch; required by ``"search"``; with
+            ``baseline=True`` and ``"search"`` it defaults to the baseline's measured steps. Defaults to ``None``.
         loss_fn: ``loss_fn(logits, targets)``, one loss per element, for the localizer and the retraining.
             Defaults to cross-entropy over the class dimension of ``(N, C)``, ``(B, C, d1, ...)`` or ``(B, T, V)``
             logits (the output, or its ``logits``: a Hugging Face ``ModelOutput``).
@@ -290,14 +329,27 @@ def diagnose(
         "predict": predict,
         **trainer_kwargs,
     }
-    surgery = surgical_correction(model, flagged, train_dataloaders, selection=selection, **common)
-    verification = verify(model, surgery.model, val_dataloader, predict=predict)
     base = base_ver = None
     if baseline:
+        # The baseline runs first so that the search policy can take its measured steps as the budget's unit.
         everything = list(group_parameters(model, group_by))
-        common["max_epochs"] = baseline_epochs or max_epochs
-        base = surgical_correction(model, everything, train_dataloaders, **common)
+        base = surgical_correction(
+            model, everything, train_dataloaders, **{**common, "max_epochs": baseline_epochs or max_epochs}
+        )
         base_ver = verify(model, base.model, val_dataloader, predict=predict)
+        if full_steps is None and policy == "search":
+            full_steps = base.optimizer_steps
+    surgery = surgical_correction(
+        model,
+        flagged,
+        train_dataloaders,
+        selection=selection,
+        policy=policy,
+        budget=budget,
+        full_steps=full_steps,
+        **common,
+    )
+    verification = verify(model, surgery.model, val_dataloader, predict=predict)
     message = None
     if verification.worse:
         message = (

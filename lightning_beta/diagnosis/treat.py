@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import inspect
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,6 +30,10 @@ from lightning_beta.diagnosis.localize import error_gradients
 from lightning_beta.layer_groups import GroupBy, group_parameters, group_sizes
 
 Selection = Literal["layers", "parameters"]
+Policy = Literal["fixed", "search"]
+
+#: Candidate peak learning rates of ``policy="search"``.
+SEARCH_LRS = (0.01, 0.05, 0.2)
 
 #: Names a user may mean for the retraining epochs, which are ``max_epochs``.
 _EPOCH_ALIASES = ("epochs", "num_epochs", "n_epochs", "max_epoch")
@@ -74,6 +78,18 @@ class SurgeryResult:
         wall_time_s: wall time of ``Trainer.fit``.
         epochs: epochs run.
         momentum: ``"beta"`` or the constant momentum used.
+        groups_touched: the groups whose parameters the update could change (the widened set included).
+        policy: ``"fixed"`` or ``"search"``.
+        budget_steps: the optimizer-step cap (``floor(budget * full_steps)``), ``None`` when uncapped.
+        stages: ``policy="search"``: one dict per fit, in order (``stage``, ``groups``, ``lr``, ``reinit``,
+            ``optimizer_steps``, ``epochs``, ``wall_time_s``, ``holdout_loss``, ``holdout_accuracy``); the totals
+            above include every stage.
+        lrs_tried: the candidate learning rates of the search.
+        lr: the learning rate chosen (``lr`` itself for ``"fixed"``).
+        reinit: whether the groups were re-initialised with their modules' ``reset_parameters``.
+        widened_to: neighbour groups added because the flagged ones alone did not improve the held-out accuracy.
+        holdout_accuracy: accuracy on the held-out split: ``{"input": ..., "final": ...}``.
+        holdout_loss: mean loss on the held-out split, which every choice of the search minimises, same keys.
     """
 
     model: nn.Module
@@ -86,6 +102,15 @@ class SurgeryResult:
     epochs: int
     momentum: str | float
     groups_touched: list[str] = field(default_factory=list)
+    policy: str = "fixed"
+    budget_steps: int | None = None
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    lrs_tried: list[float] = field(default_factory=list)
+    lr: float | None = None
+    reinit: bool = False
+    widened_to: list[str] = field(default_factory=list)
+    holdout_accuracy: dict[str, float] = field(default_factory=dict)
+    holdout_loss: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the model, JSON-ready."""
@@ -99,6 +124,15 @@ class SurgeryResult:
             "epochs": self.epochs,
             "momentum": self.momentum,
             "groups_touched": self.groups_touched,
+            "policy": self.policy,
+            "budget_steps": self.budget_steps,
+            "stages": self.stages,
+            "lrs_tried": self.lrs_tried,
+            "lr": self.lr,
+            "reinit": self.reinit,
+            "widened_to": self.widened_to,
+            "holdout_accuracy": self.holdout_accuracy,
+            "holdout_loss": self.holdout_loss,
         }
 
 
@@ -209,6 +243,72 @@ def _parameter_masks(
     return masks
 
 
+def _budget_steps(budget: float, full_steps: int | None) -> int | None:
+    """The optimizer-step cap ``floor(budget * full_steps)``, ``None`` without ``full_steps``."""
+    check_number("budget", budget, low=0.0, high=1.0, low_open=True)
+    check_int("full_steps", full_steps, minimum=1, optional=True)
+    return None if full_steps is None else max(int(budget * full_steps), 1)
+
+
+def retrain(
+    net: nn.Module,
+    trainable: Collection[str],
+    train_dataloaders: Any,
+    val_dataloaders: Any,
+    *,
+    lr: float,
+    momentum: Literal["beta"] | float,
+    weight_decay: float,
+    loss_fn: LossFn | None,
+    predict: Predict | None,
+    max_epochs: int,
+    max_steps: int | None = None,
+    masks: dict[str, Tensor] | None = None,
+    callbacks: Sequence[pl.Callback] = (),
+    trainer_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[pl.Trainer, float]:
+    """One fresh ``Trainer.fit`` of ``net`` in place, updating only the parameters named in ``trainable``.
+
+    Every other parameter is frozen, and BatchNorm modules without a trainable parameter are held in eval mode.
+    The ``requires_grad`` flags are left as the fit set them (the caller restores them).
+
+    Returns:
+        The Trainer (``global_step``, ``current_epoch``, ``callback_metrics``) and the wall time of the fit.
+    """
+    for name, param in net.named_parameters():
+        param.requires_grad_(name in trainable)
+    handles: list[Any] = []
+    # Lightning switches modes itself (and restores them by setting ``.training`` directly, bypassing an
+    # overridden ``train()``), so a pre-hook puts frozen BatchNorm back in eval mode before every forward.
+    for m in net.modules():
+        if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            handles.append(m.register_forward_pre_hook(_force_eval))
+    start_momentum = 0.9 if momentum == "beta" else float(momentum)
+    module = SurgeryModule(
+        net, lr=lr, momentum=start_momentum, weight_decay=weight_decay, loss_fn=loss_fn, predict=predict, masks=masks
+    )
+    kwargs: dict[str, Any] = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    kwargs.update(trainer_kwargs or {})
+    all_callbacks = list(kwargs.pop("callbacks", []) or []) + list(callbacks)
+    if momentum == "beta":
+        all_callbacks.append(BetaMomentumCallback(log_momentum=False))
+    if max_steps is not None:
+        kwargs["max_steps"] = max_steps
+    trainer = pl.Trainer(max_epochs=max_epochs, callbacks=all_callbacks, **kwargs)
+    begin = time.perf_counter()
+    try:
+        trainer.fit(module, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders)
+    finally:
+        for handle in handles + module.handles:
+            handle.remove()
+    return trainer, time.perf_counter() - begin
+
+
 def surgical_correction(
     model: nn.Module,
     layers: Sequence[str],
@@ -223,6 +323,11 @@ def surgical_correction(
     loss_fn: LossFn | None = None,
     error_dataloader: Any = None,
     predict: Predict | None = None,
+    policy: Policy = "fixed",
+    budget: float = 0.3,
+    full_steps: int | None = None,
+    lrs: Sequence[float] = SEARCH_LRS,
+    holdout: float = 0.1,
     **trainer_kwargs: Any,
 ) -> SurgeryResult:
     """Retrain only ``layers`` of a copy of ``model`` (or the same budget of single parameters) in a fresh fit.
@@ -256,6 +361,17 @@ def surgical_correction(
             ``train_dataloaders``.
         predict: ``predict(logits)`` giving one predicted class per element, for outputs the default argmax does
             not cover. Defaults to ``None``.
+        policy: ``"fixed"``: ``max_epochs`` at ``lr``, as above; ``"search"``: an lr search on a held-out split of
+            the training data, re-initialisation or widening to neighbour groups when the held-out accuracy asks for
+            it, and a continuation with early stopping and the best weights restored, all within the budget
+            (``lightning_beta.diagnosis.repair``; ``max_epochs`` and ``lr`` are then unused). Defaults to
+            ``"fixed"``.
+        budget: the share of ``full_steps`` that every stage together may spend, in ``(0, 1]``. Defaults to ``0.3``.
+        full_steps: optimizer steps of full retraining from scratch on the same data, the unit of ``budget``;
+            required by ``"search"``, a step cap for ``"fixed"`` when given. Defaults to ``None`` (uncapped).
+        lrs: candidate peak learning rates of ``"search"``. Defaults to ``(0.01, 0.05, 0.2)``.
+        holdout: share of ``train_dataloaders``' dataset held out by ``"search"`` to judge its choices, in
+            ``(0, 1)``. Defaults to ``0.1``.
         **trainer_kwargs: further ``Trainer`` arguments (quiet CPU-friendly defaults: no logger, checkpointing,
             progress bar or model summary); the epochs are ``max_epochs`` above.
 
@@ -264,7 +380,9 @@ def surgical_correction(
 
     Raises:
         ValueError: for an unknown or empty ``layers``, an unknown ``selection``, ``max_epochs < 1``, ``lr <= 0``,
-            ``weight_decay < 0`` or a constant momentum outside ``[0, 1)``.
+            ``weight_decay < 0``, a constant momentum outside ``[0, 1)``, an unknown ``policy``, ``budget`` outside
+            ``(0, 1]``, ``full_steps < 1``, and for ``"search"``: no ``full_steps``, a budget too small for the
+            search, ``selection="parameters"``, ``holdout`` outside ``(0, 1)``.
         TypeError: for a keyword argument that is not a ``Trainer`` argument either (e.g. ``epochs``: the message
             names ``max_epochs``), or a wrong type of ``max_epochs`` or ``lr``.
 
@@ -290,64 +408,66 @@ def surgical_correction(
     constant = isinstance(momentum, (int, float)) and not isinstance(momentum, bool)
     if momentum != "beta" and not (constant and 0.0 <= momentum < 1.0):
         raise ValueError(f'`momentum` must be "beta" or a float in [0, 1), got {momentum!r}')
+    check_choice("policy", policy, ("fixed", "search"))
+    if policy == "search":
+        if selection != "layers":
+            raise ValueError(
+                f'`policy="search"` retrains layer groups: `selection` must be "layers", got {selection!r}'
+            )
+        from lightning_beta.diagnosis.repair import search_repair  # repair builds on this module's fit
+
+        return search_repair(
+            model,
+            layers,
+            train_dataloaders,
+            budget=budget,
+            full_steps=full_steps,
+            lrs=lrs,
+            holdout=holdout,
+            momentum=momentum,
+            group_by=group_by,
+            weight_decay=float(weight_decay),
+            loss_fn=loss_fn,
+            predict=predict,
+            trainer_kwargs=trainer_kwargs,
+        )
 
     net = copy.deepcopy(model)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     sizes = group_sizes(net, groups)
     total = sum(sizes.values())
-    budget = sum(sizes[g] for g in layers)
+    n_budget = sum(sizes[g] for g in layers)
     params = dict(net.named_parameters())
-    handles: list[Any] = []
     masks: dict[str, Tensor] | None = None
     if selection == "layers":
         trainable = {p for g in layers for p in groups[g]}
-        n_trained = budget
+        n_trained = n_budget
         touched = list(layers)
     else:
-        chosen = _parameter_masks(net, budget, error_dataloader or train_dataloaders, loss_fn, predict)
+        chosen = _parameter_masks(net, n_budget, error_dataloader or train_dataloaders, loss_fn, predict)
         trainable = {name for name, mask in chosen.items() if bool(mask.any())}
         n_trained = int(sum(int(mask.sum()) for mask in chosen.values()))
         masks = {name: chosen[name].to(params[name].dtype) for name in trainable}
         touched = [g for g, names in groups.items() if any(n in trainable for n in names)]
-    for name, param in params.items():
-        param.requires_grad_(name in trainable)
-    # Lightning switches modes itself (and restores them by setting ``.training`` directly, bypassing an
-    # overridden ``train()``), so a pre-hook puts frozen BatchNorm back in eval mode before every forward.
-    for m in net.modules():
-        if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters()):
-            handles.append(m.register_forward_pre_hook(_force_eval))
-    start_momentum = 0.9 if momentum == "beta" else float(momentum)
-    module = SurgeryModule(
+    budget_steps = _budget_steps(budget, full_steps)
+    trainer, wall = retrain(
         net,
+        trainable,
+        train_dataloaders,
+        val_dataloaders,
         lr=float(lr),
-        momentum=start_momentum,
+        momentum=momentum,
         weight_decay=float(weight_decay),
         loss_fn=loss_fn,
         predict=predict,
         masks=masks,
+        max_epochs=max_epochs,
+        max_steps=budget_steps,
+        trainer_kwargs=trainer_kwargs,
     )
-    callbacks = list(trainer_kwargs.pop("callbacks", []) or [])
-    if momentum == "beta":
-        callbacks.append(BetaMomentumCallback(log_momentum=False))
-    kwargs: dict[str, Any] = {
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
-    kwargs.update(trainer_kwargs)
-    trainer = pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, **kwargs)
-    was_training = model.training
-    begin = time.perf_counter()
-    try:
-        trainer.fit(module, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders)
-    finally:
-        for handle in handles + module.handles:
-            handle.remove()
-    wall = time.perf_counter() - begin
     for name, param in net.named_parameters():
         param.requires_grad_(flags[name])
-    net.train(was_training)
+    net.train(model.training)
     return SurgeryResult(
         model=net,
         layers=layers,
@@ -359,4 +479,6 @@ def surgical_correction(
         epochs=int(trainer.current_epoch),
         momentum=momentum,
         groups_touched=touched,
+        budget_steps=budget_steps,
+        lr=float(lr),
     )

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_beta.demos.digits import DigitsClassifier, DigitsResNet, load_digits_tensors
+from lightning_beta.demos.digits import DigitsClassifier, DigitsMLP, DigitsResNet, load_digits_tensors
 from lightning_beta.diagnosis import kinetic_energy_probe, kinetic_energy_scores, surgical_correction
 from tests.helpers import StepRecorder, trainer_kwargs
 
@@ -193,3 +193,133 @@ def test_kinetic_probe_takes_a_loss_fn():
     grads = torch.autograd.grad(squared_error(net(x), y).mean(), list(net.parameters()))
     # After one step the momentum buffer is the gradient of the mean loss.
     assert scores.scores["1"] == pytest.approx(float(grads[2].pow(2).sum() + grads[3].pow(2).sum()) / 8, rel=1e-5)
+
+
+# The search policy: real fits on the digits MLP, each choice checked against what the fits did.
+
+
+@pytest.fixture(scope="module")
+def digits_full():
+    train, val = load_digits_tensors(seed=0)
+    loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    return loader, val
+
+
+@pytest.fixture(scope="module")
+def clean_mlp(digits_full, tmp_path_factory):
+    """A DigitsMLP trained from scratch on every group: the model, its accuracy and full retraining's steps."""
+    train, val = digits_full
+    torch.manual_seed(0)
+    net = DigitsMLP(hidden=32)
+    groups = ["fc1", "fc2", "fc3"]
+    kwargs = search_kwargs(tmp_path_factory.mktemp("scratch"))
+    full = surgical_correction(net, groups, train, max_epochs=10, lr=0.1, momentum=0.9, **kwargs)
+    return full.model.eval(), accuracy(full.model, val), full.optimizer_steps
+
+
+def search_kwargs(tmp_path, **kw):
+    kwargs = quiet(tmp_path, **kw)
+    kwargs.pop("limit_val_batches")  # the continuation validates on the held-out split
+    return kwargs
+
+
+def accuracy(net, data):
+    net.eval()
+    with torch.no_grad():
+        return float((net(data.tensors[0]).argmax(1) == data.tensors[1]).float().mean())
+
+
+def kill(net, group):
+    """A fault beyond repair by retraining: every ReLU after ``group`` is dead, so its gradient is exactly zero."""
+    bad = copy.deepcopy(net)
+    with torch.no_grad():
+        bad.get_submodule(group).bias.fill_(-100.0)
+    return bad
+
+
+def test_search_reinitialises_a_dead_group_and_recovers(tmp_path, digits_full, clean_mlp):
+    train, val = digits_full
+    clean, clean_acc, full_steps = clean_mlp
+    bad = kill(clean, "fc1")
+    faulty_acc = accuracy(bad, val)
+    assert faulty_acc < 0.2  # a constant prediction
+    recorder = StepRecorder()
+    result = surgical_correction(
+        bad, ["fc1"], train, policy="search", full_steps=full_steps, callbacks=[recorder], **search_kwargs(tmp_path)
+    )
+    search = [s for s in result.stages if s["stage"] == "search"]
+    assert [s["lr"] for s in search[:3]] == result.lrs_tried == [0.01, 0.05, 0.2]
+    # From the dead weights the gradient is zero: every lr leaves the held-out loss where the input had it.
+    for s in search[:3]:
+        assert s["holdout_loss"] == pytest.approx(result.holdout_loss["input"])
+    assert search[3]["reinit"] and search[3]["holdout_loss"] < result.holdout_loss["input"]
+    assert result.reinit and result.widened_to == [] and result.groups_touched == ["fc1"]
+    assert result.stages[-1]["stage"] == "continue"
+    recovered = accuracy(result.model, val)
+    assert recovered >= faulty_acc + 0.8 * (clean_acc - faulty_acc)  # >= 80% of the lost accuracy (measured: 88%)
+    # fc2 and fc3 frozen: bit-identical to the input.
+    for name in ("fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"):
+        assert torch.equal(result.model.state_dict()[name], bad.state_dict()[name])
+    # The budget, against an independent count of the optimizer steps every stage took.
+    assert result.budget_steps == int(0.3 * full_steps)
+    assert len(recorder.steps) == result.optimizer_steps == sum(s["optimizer_steps"] for s in result.stages)
+    assert result.optimizer_steps <= 0.3 * full_steps
+
+
+def test_search_widens_when_the_flagged_group_cannot_improve(tmp_path, digits_full, clean_mlp):
+    # fc2's ReLUs are dead, fc1 is flagged: neither retraining fc1 nor resetting it moves the held-out loss.
+    train, _ = digits_full
+    clean, _, full_steps = clean_mlp
+    bad = kill(clean, "fc2")
+    result = surgical_correction(bad, ["fc1"], train, policy="search", full_steps=full_steps, **search_kwargs(tmp_path))
+    assert result.widened_to == ["fc2"] and result.groups_touched == ["fc1", "fc2"] and not result.reinit
+    assert result.stages[-1]["groups"] == ["fc1", "fc2"]
+    assert result.holdout_loss["final"] <= result.holdout_loss["input"]  # the best weights seen, the input's included
+    assert result.optimizer_steps <= result.budget_steps
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.5])
+def test_search_never_exceeds_its_budget(tmp_path, digits_full, clean_mlp, budget):
+    train, _ = digits_full
+    clean, _, full_steps = clean_mlp
+    recorder = StepRecorder()
+    bad = kill(clean, "fc3")
+    result = surgical_correction(
+        bad, ["fc3"], train, policy="search", budget=budget, full_steps=full_steps, callbacks=[recorder],
+        **search_kwargs(tmp_path),
+    )  # fmt: skip
+    assert len(recorder.steps) == result.optimizer_steps <= budget * full_steps
+    assert result.to_dict()["policy"] == "search" and result.to_dict()["budget_steps"] == int(budget * full_steps)
+
+
+def test_fixed_policy_capped_by_the_budget(tmp_path, digits):
+    net = DigitsResNet(width=4)
+    result = surgical_correction(net, ["fc"], digits, max_epochs=3, budget=0.5, full_steps=10, **quiet(tmp_path))
+    assert result.optimizer_steps == result.budget_steps == 5 and result.policy == "fixed" and result.stages == []
+
+
+def test_search_bad_inputs(digits):
+    net = DigitsResNet(width=4)
+    with pytest.raises(ValueError, match="`policy` must be one of 'fixed', 'search', got 'best'"):
+        surgical_correction(net, ["fc"], digits, policy="best")
+    with pytest.raises(ValueError, match='`full_steps` is required with policy="search"'):
+        surgical_correction(net, ["fc"], digits, policy="search")
+    with pytest.raises(ValueError, match=r"`budget` must be in \(0.0, 1.0\], got 0"):
+        surgical_correction(net, ["fc"], digits, policy="search", budget=0, full_steps=10)
+    with pytest.raises(ValueError, match=r"`budget` must be in \(0.0, 1.0\], got 1.5"):
+        surgical_correction(net, ["fc"], digits, budget=1.5, full_steps=10)
+    with pytest.raises(ValueError, match="`full_steps` must be >= 1, got 0"):
+        surgical_correction(net, ["fc"], digits, policy="search", full_steps=0)
+    with pytest.raises(ValueError, match=r"`budget` \* `full_steps` = 3 optimizer step\(s\) cannot hold the search"):
+        surgical_correction(net, ["fc"], digits, policy="search", full_steps=10)
+    with pytest.raises(ValueError, match=r"`holdout` must be in \(0.0, 1.0\), got 1.0"):
+        surgical_correction(net, ["fc"], digits, policy="search", full_steps=100, holdout=1.0)
+    with pytest.raises(ValueError, match="`lrs` is empty"):
+        surgical_correction(net, ["fc"], digits, policy="search", full_steps=100, lrs=[])
+    with pytest.raises(ValueError, match=r"`lrs` must be in \(0.0, inf\], got -1.0"):
+        surgical_correction(net, ["fc"], digits, policy="search", full_steps=100, lrs=[0.1, -1.0])
+    with pytest.raises(ValueError, match="`selection` must be \"layers\", got 'parameters'"):
+        surgical_correction(net, ["fc"], digits, policy="search", full_steps=100, selection="parameters")
+    batches = list(digits)
+    with pytest.raises(TypeError, match="must be a DataLoader over a sized dataset, got list"):
+        surgical_correction(net, ["fc"], batches, policy="search", full_steps=100)
