@@ -194,20 +194,22 @@ def _stages_markdown(surgery: SurgeryResult) -> str:
             "yes" if s["reinit"] else "no",
             s["optimizer_steps"],
             f"{s['wall_time_s']:.2f}",
+            f"{s['holdout_loss']:.4f}",
             f"{s['holdout_accuracy']:.4f}",
         ]
         for s in surgery.stages
     ]
-    header = ["stage", "groups", "lr", "reinit", "steps", "wall s", "held-out acc"]
+    header = ["stage", "groups", "lr", "reinit", "steps", "wall s", "held-out loss", "held-out acc"]
     widened = ", ".join(surgery.widened_to) or "no"
     return "\n".join(
         [
             f"policy {surgery.policy}: lr {surgery.lr:g} chosen of {surgery.lrs_tried}, reinit"
             f" {'yes' if surgery.reinit else 'no'}, widened to {widened}; {surgery.optimizer_steps} of"
-            f" {surgery.budget_steps} budgeted optimizer steps; held-out accuracy"
-            f" {surgery.holdout_accuracy['input']:.4f} -> {surgery.holdout_accuracy['final']:.4f}",
+            f" {surgery.budget_steps} budgeted optimizer steps; held-out loss {surgery.holdout_loss['input']:.4f} ->"
+            f" {surgery.holdout_loss['final']:.4f}, accuracy {surgery.holdout_accuracy['input']:.4f} ->"
+            f" {surgery.holdout_accuracy['final']:.4f}",
             "",
-            markdown_table(header, rows, align="llrlrrr"),
+            markdown_table(header, rows, align="llrlrrrr"),
         ]
     )
 

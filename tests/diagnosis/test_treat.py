@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_beta.demos.digits import DigitsClassifier, DigitsMLP, DigitsResNet, load_digits_tensors
-from lightning_beta.diagnosis import kinetic_energy_probe, kinetic_energy_scores, surgical_correction
+from lightning_beta.diagnosis import diagnose, kinetic_energy_probe, kinetic_energy_scores, surgical_correction
 from tests.helpers import StepRecorder, trainer_kwargs
 
 
@@ -323,3 +323,18 @@ def test_search_bad_inputs(digits):
     batches = list(digits)
     with pytest.raises(TypeError, match="must be a DataLoader over a sized dataset, got list"):
         surgical_correction(net, ["fc"], batches, policy="search", full_steps=100)
+
+
+def test_diagnose_search_takes_the_baseline_steps_as_budget_unit(tmp_path, digits):
+    torch.manual_seed(0)
+    net = DigitsResNet(width=4)
+    report = diagnose(
+        net, digits, digits, localizer="gradient", top_k=1, policy="search", baseline=True, baseline_epochs=10,
+        **search_kwargs(tmp_path),
+    )  # fmt: skip
+    assert report.baseline.optimizer_steps == 40
+    assert report.surgery.policy == "search" and report.surgery.budget_steps == 12
+    assert report.surgery.optimizer_steps <= 12
+    text = report.to_markdown()
+    assert "policy search: lr" in text and "| search |" in text
+    assert report.to_dict()["surgery"]["stages"] == report.surgery.stages
