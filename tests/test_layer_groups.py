@@ -271,3 +271,12 @@ trainer:
     cli.trainer.fit(cli.model)
     (callback,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, LayerAttributionCallback)]
     assert list(callback.groups) == expected
+
+
+def test_callbacks_read_a_digit_string_group_by_as_the_same_depth():
+    from lightning_beta import DampingRegimeMonitor, LayerAttributionCallback
+
+    from_cli, from_yaml = LayerAttributionCallback(group_by="2"), LayerAttributionCallback(group_by=2)
+    assert from_cli.group_by == 2 and isinstance(from_cli.group_by, int)
+    assert from_cli.state_key == from_yaml.state_key
+    assert DampingRegimeMonitor(curvature="secant", group_by="3", log=False).group_by == 3

@@ -151,7 +151,8 @@ class DampingRegimeMonitor(pl.Callback):
             raise ValueError(f'`logging_interval` must be "step" or "epoch", got {logging_interval!r}')
         check_bool("layout", layout)
         check_bool("log", log)
-        check_group_by(group_by)
+        # A depth given as digits on the command line (LightningCLI) becomes the int it means.
+        group_by = check_group_by(group_by)
         check_decay(curvature_decay, "curvature_decay")
         self.tolerance = float(tolerance)
         self.rule = rule

@@ -136,7 +136,8 @@ class LayerAttributionCallback(pl.Callback):
         dirpath: str | os.PathLike | None = None,
         filename: str = "attribution.json",
     ) -> None:
-        check_group_by(group_by)
+        # A depth given as digits on the command line (LightningCLI) becomes the int it means.
+        group_by = check_group_by(group_by)
         check_norm_type(norm_type)
         check_int("log_every_n_steps", log_every_n_steps, minimum=1, optional=True)
         if log_every_n_steps is not None:
