@@ -622,3 +622,45 @@ def test_record_reference_under_ddp_covers_the_global_batches(tmp_path):
 def as_rows(t: Tensor, dim: int) -> Tensor:
     t = t.detach().double()
     return t.movedim(dim, -1).reshape(-1, t.shape[dim])
+
+
+class ConvNetWithoutForward(ConvNet):
+    """The common Lightning shape: `training_step` calls the submodules, no `forward` is defined."""
+
+    forward = pl.LightningModule.forward  # type: ignore[assignment]
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(self.block(self.stem(x))), y)
+
+
+def test_attribution_reference_forward_for_a_module_without_forward(tmp_path):
+    from lightning_beta.callbacks import LayerAttributionCallback
+
+    loader = _images()
+    plain = LayerAttributionCallback(reference_batches=2, dirpath=tmp_path / "plain")
+    with pytest.warns(UserWarning, match="forward"):
+        pl.Trainer(callbacks=[plain], **_fit_kwargs(tmp_path)).fit(ConvNetWithoutForward(), loader)
+    assert plain.artifact.reference == {} and set(plain.artifact.reference_skipped) == {"stem", "block", "head"}
+
+    def run(module: Any, batch: Any) -> Tensor:
+        return module.head(module.block(module.stem(batch[0])))
+
+    model = ConvNetWithoutForward()
+    given = LayerAttributionCallback(reference_batches=2, reference_forward=run, feature_dim=1, dirpath=tmp_path)
+    pl.Trainer(callbacks=[given], **_fit_kwargs(tmp_path)).fit(model, loader)
+    stats = given.artifact.reference
+    assert set(stats) == {"stem", "block", "head"}
+    # The stem's per-channel mean over the first two batches, recomputed with the fitted weights.
+    model.eval()
+    with torch.no_grad():
+        out = torch.cat([model.stem(x) for x, _ in list(loader)[:2]]).double()
+    expected = out.transpose(0, 1).reshape(out.shape[1], -1).mean(1)
+    assert torch.allclose(torch.tensor(stats["stem"].mean, dtype=torch.float64), expected, atol=1e-6)
+
+
+def test_reference_forward_must_be_callable():
+    from lightning_beta.callbacks import LayerAttributionCallback
+
+    with pytest.raises(TypeError, match="`reference_forward` must be None or a callable, got int"):
+        LayerAttributionCallback(reference_forward=3)  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,9 +91,14 @@ class LayerAttributionCallback(pl.Callback):
     - At the end of training rank zero writes ``attribution.json`` (see :mod:`lightning_beta.artifact`) in the run
       directory of the first logger (``logger.log_dir``; else ``save_dir/name/version``, as ``ModelCheckpoint``),
       and hands it to MLflow or W&B when those log. After an exception it writes what exists, marked
-      ``complete=false``. Nothing is written under ``fast_dev_run``. Reference statistics: with the final weights,
-      ``training_step`` runs under ``torch.no_grad()`` on the first ``reference_batches`` training batches and a
-      forward hook per group module records the per-channel mean and variance of its output.
+      ``complete=false``. Nothing is written under ``fast_dev_run``. Reference statistics
+      (:func:`~lightning_beta.reference.record_reference`): with the final weights, a plain forward
+      (``reference_forward``, by default ``pl_module(inputs)``) runs in eval mode under ``torch.no_grad()`` on the
+      first ``reference_batches`` training batches, and a forward hook per group module records the per-feature
+      mean and variance of its output (the last dim for Linear, attention and transformer outputs, dim 1 for conv
+      and BatchNorm outputs). ``training_step`` is not run: the model is left exactly as training left it. A
+      LightningModule without a ``forward`` needs ``reference_forward``; groups that cannot be read are named in
+      the artifact's ``reference_skipped`` and, with the reason, in one warning.
     - Panels: the heatmap of :func:`~lightning_beta.figures.attribution_heatmap` (needs matplotlib) and the ranking
       table, through TensorBoard (``attribution/heatmap``, ``attribution/ranking``), MLflow or W&B; a custom-scalars
       category "Layer attribution" charting ``grad_norm/.*`` on TensorBoard.
@@ -109,6 +115,11 @@ class LayerAttributionCallback(pl.Callback):
         norm_type: the norm order, ``> 0`` or ``inf``. Defaults to ``2.0``.
         log_every_n_steps: deprecated and ignored: the Trainer's ``log_every_n_steps`` decides. Defaults to ``None``.
         reference_batches: training batches for the reference statistics; 0 skips them. Defaults to ``4``.
+        reference_forward: ``reference_forward(pl_module, batch)`` runs the model on a batch without side effects,
+            for the reference statistics. Defaults to ``None``
+            (:func:`~lightning_beta.reference.default_forward`: the batch's inputs, a dict as keyword arguments).
+        feature_dim: the dim of a feature in the groups' outputs, one int or ``{group: dim}``; ``None`` decides
+            by module type (:func:`~lightning_beta.reference.default_feature_dim`). Defaults to ``None``.
         dirpath: directory of the artifact; ``None`` uses the run directory of the first logger (else
             ``default_root_dir``). Defaults to ``None``.
         filename: file name of the artifact. Defaults to ``"attribution.json"``.
@@ -133,6 +144,8 @@ class LayerAttributionCallback(pl.Callback):
         norm_type: float = 2.0,
         log_every_n_steps: int | None = None,
         reference_batches: int = 4,
+        reference_forward: Callable[[Any, Any], Any] | None = None,
+        feature_dim: int | dict[str, int] | None = None,
         dirpath: str | os.PathLike | None = None,
         filename: str = "attribution.json",
     ) -> None:
@@ -146,6 +159,8 @@ class LayerAttributionCallback(pl.Callback):
                 " the Trainer's logging steps. Pass `Trainer(log_every_n_steps=...)` instead."
             )
         check_int("reference_batches", reference_batches, minimum=0)
+        if reference_forward is not None and not callable(reference_forward):
+            raise TypeError(f"`reference_forward` must be None or a callable, got {type(reference_forward).__name__}")
         if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
             raise TypeError(f"`dirpath` must be None, a str or os.PathLike, got {type(dirpath).__name__}")
         if not isinstance(filename, str):
@@ -155,6 +170,8 @@ class LayerAttributionCallback(pl.Callback):
         self.group_by = group_by
         self.norm_type = float(norm_type)
         self.reference_batches = reference_batches
+        self.reference_forward = reference_forward
+        self.feature_dim = feature_dim
         self.dirpath = dirpath
         self.filename = filename
         self._reset()
@@ -304,10 +321,10 @@ class LayerAttributionCallback(pl.Callback):
         # Every rank runs the reference pass (its share of each batch; the sums are reduced across ranks): on rank
         # zero alone, a collective in ``training_step`` would wait forever for the other ranks.
         modules = group_modules(pl_module, self.groups)
-        reference, reasons = record_reference(trainer, pl_module, modules, self.reference_batches)
-        if self.reference_batches and reasons:
-            why = "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
-            rank_zero_info(f"LayerAttributionCallback: no reference statistics for {why}.")
+        # ``record_reference`` warns once with the reasons of the groups it skips.
+        reference, _ = record_reference(
+            trainer, pl_module, modules, self.reference_batches, self.reference_forward, self.feature_dim
+        )
         skipped = [name for name in self.groups if name not in reference]
         artifact = self._build_artifact(trainer, complete=True, reference=reference, skipped=skipped)
         if not trainer.is_global_zero:
