@@ -9,7 +9,7 @@ themselves, sample by sample:
 - :func:`record_probe`, on the healthy model: a small fixed set of probe inputs (64 to 256 samples), one forward
   pass in eval mode under ``torch.no_grad()``, and for each group (a) its output, *sketched*: the per-sample output
   flattened to ``D`` numbers times a fixed Gaussian projection ``R`` of shape ``(D, sketch_dim)`` (entries
-  ``N(0, 1/sketch_dim)``, drawn from a generator seeded by ``seed`` and the group's position, regenerated rather
+  ``N(0, 1/sketch_dim)``, drawn from a generator seeded by ``seed`` and the group's name, regenerated rather
   than stored), so a group costs ``N x sketch_dim`` floats; (b) with ``replay=True``, the inputs the group's
   module received (its positional and keyword arguments), kept whole.
 - :func:`probe_localize`, on the model to examine: the same probe inputs through the model; per group the relative
@@ -29,11 +29,12 @@ The rule (what makes the first-named group the faulty one):
   of groups; it cannot score a second fault downstream of the first.
 
 Cost: recording is one forward pass over the probe set; localizing is one forward pass plus, with replay, one run
-of each group on its stored inputs (together about one more forward pass). Memory and file size: ``N x
-sketch_dim`` floats per group, plus with replay every group's full input on the probe set (``N`` times the sum of
-the groups' per-sample input sizes; 3.8 MB for the digits ResNet with 256 probes, but hundreds of MB for a
-transformer with long sequences, where ``replay=False`` is the affordable choice). The projection matrix ``R`` is
-``D x sketch_dim`` floats while it is in use.
+of each group on its stored inputs (together about one more forward pass: 47 ms against 30 ms for one forward of
+the digits ResNet on 256 probes, one CPU thread). Memory and file size: ``N x sketch_dim`` floats per group, plus
+with replay every group's full input on the probe set (``N`` times the sum of the groups' per-sample input sizes):
+4.3 MB for the digits ResNet with 256 probes (0.46 MB without replay), but hundreds of MB for a transformer with
+long sequences, where ``replay=False`` is the affordable choice. The projection matrix ``R`` is ``D x sketch_dim``
+floats while it is in use.
 
 Assumptions: outputs and inputs are batch-first (dim 0 indexes the probe samples) and have the same per-sample
 shape at recording and at localization; the model's forward in eval mode is deterministic.
@@ -555,7 +556,7 @@ def _rule(
     if downstream:
         notes.append(f"group(s) {downstream} run after a changed group and were not replayed: not scored")
     if unscored:
-        notes.append(f"group(s) {unscored} are not in the record: not scored")
+        notes.append(f"group(s) {unscored} are not in the record or gave no readable output: not scored")
     if all(value == 0 for value in scores.values()):
         notes.append(f"no group's function changed by more than the tolerance {tolerance:g} on the probe set")
     return scores, "; ".join(notes) or None
