@@ -20,6 +20,7 @@ from torch import Tensor
 from lightning_beta._gradients import local_tensor
 from lightning_beta._optim import effective_lr, read_momentum, read_slot
 from lightning_beta.functional.damping import damping_ratio
+from lightning_beta.functional.grad_norms import add_group_powers_
 
 
 def check_decay(decay: float, name: str = "decay") -> None:
@@ -34,7 +35,8 @@ def group_sq_sums(tensors: Sequence[Tensor], index: Tensor, n_groups: int) -> Te
     """Sum of squared entries of each group of a flat list of tensors, without a host sync.
 
     Sums of shards add up to the sum of the whole tensor, so under a sharded strategy the ranks' sums are reduced
-    (summed) before the square root.
+    (summed) before the square root. The powers come from the package's one grouped-norm routine,
+    :func:`~lightning_beta.functional.grad_norms.add_group_powers_`.
 
     Args:
         tensors: the tensors, e.g. the gradients of every parameter.
@@ -51,27 +53,7 @@ def group_sq_sums(tensors: Sequence[Tensor], index: Tensor, n_groups: int) -> Te
     out = torch.zeros(n_groups, dtype=torch.float32, device=index.device)
     if len(tensors) == 0:
         return out
-    norms = torch.stack([n.to(torch.float32) for n in torch._foreach_norm(list(tensors))])
-    return out.index_add_(0, index, norms.square())
-
-
-def group_norms(tensors: Sequence[Tensor], index: Tensor, n_groups: int) -> Tensor:
-    """L2 norm of each group of a flat list of tensors, without a host sync.
-
-    Args:
-        tensors: the tensors, e.g. the gradients of every parameter.
-        index: int64 tensor of ``len(tensors)`` group indices in ``[0, n_groups)``, on the tensors' device.
-        n_groups: number of groups.
-
-    Returns:
-        A float32 tensor of shape ``(n_groups,)``: ``sqrt(sum of squared entries)`` of each group's tensors (0 for
-        a group with no tensor).
-
-    Example:
-        >>> group_norms([torch.tensor([3.0]), torch.tensor([4.0]), torch.tensor([1.0])], torch.tensor([0, 0, 1]), 2)
-        tensor([5., 1.])
-    """
-    return group_sq_sums(tensors, index, n_groups).sqrt_()
+    return add_group_powers_(out, tensors, index, 2.0)
 
 
 def secant_curvature(grad_change: Tensor, step_size: Tensor, fallback: Tensor | None = None) -> Tensor:

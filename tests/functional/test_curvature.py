@@ -9,9 +9,10 @@ from lightning_beta.functional.curvature import (
     SecantCurvature,
     check_decay,
     ema_update_,
-    group_norms,
+    group_sq_sums,
     secant_curvature,
 )
+from lightning_beta.functional.grad_norms import group_norms
 
 
 def test_group_norms_by_hand() -> None:
@@ -25,6 +26,8 @@ def test_group_norms_empty_and_half() -> None:
     assert group_norms([], torch.zeros(0, dtype=torch.long), 2).tolist() == [0.0, 0.0]
     out = group_norms([torch.tensor([3.0, 4.0], dtype=torch.float16)], torch.tensor([0]), 1)
     assert out.dtype == torch.float32 and out.item() == pytest.approx(5.0)
+    sums = group_sq_sums([torch.tensor([3.0, 4.0], dtype=torch.float16), torch.tensor([2.0])], torch.tensor([0, 1]), 3)
+    assert sums.dtype == torch.float32 and sums.tolist() == pytest.approx([25.0, 4.0, 0.0])
 
 
 def test_secant_curvature_guards() -> None:
