@@ -34,6 +34,7 @@ from lightning_beta.artifact import ReferenceStats
 from lightning_beta.diagnosis._batches import check_group_names, iter_batches, model_device
 from lightning_beta.diagnosis._outputs import LossFn, element_predictions, mean_loss, valid_elements
 from lightning_beta.diagnosis.drift import activation_drift, reference_statistics
+from lightning_beta.functional.grad_norms import tensor_norms
 from lightning_beta.layer_groups import GroupBy, group_parameters, group_sizes
 
 
@@ -202,8 +203,8 @@ def fine_tune(
         if auto_rgn:
             with torch.no_grad():
                 g = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in named]
-                g_norms = [float(t) for t in torch._foreach_norm(g)]
-                p_norms = [float(t) for t in torch._foreach_norm([p.detach() for _, p in named])]
+                g_norms = tensor_norms(g, dtype=torch.float64).tolist()
+                p_norms = tensor_norms([p.detach() for _, p in named], dtype=torch.float64).tolist()
             scale = rgn_multipliers(dict(zip(sums, g_norms)), dict(zip(sums, p_norms)))
             for group in optimizer.param_groups:
                 group["lr"] = lr * scale[group["name"]]
