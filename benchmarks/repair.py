@@ -20,6 +20,7 @@ was designed (candidate lrs, search share, patience) looking at the ``noise`` an
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import sys
@@ -61,6 +62,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--write", action="store_true", help='write the "## Repair" section of RESULTS.md')
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--arch", choices=("resnet", "mlp"), nargs="+", default=["resnet", "mlp"])
+    parser.add_argument("--rows", type=Path, help="also write every case as JSON to this path")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     for name in ("lightning.pytorch", "lightning"):
@@ -70,7 +73,7 @@ def main() -> None:
     begin = time.perf_counter()
     rows: list[dict] = []
     skipped = 0
-    for arch in ("resnet", "mlp"):
+    for arch in args.arch:
         for seed in seeds:
             pl.seed_everything(seed, verbose=False)
             train, val = digits_dataloaders(seed=seed)
@@ -111,6 +114,8 @@ def main() -> None:
     command = "python benchmarks/repair.py" + (" --quick" if args.quick else f" --seeds {args.seeds}") + " --write"
     text = render(rows, skipped, seeds, command, runtime)
     print(text)
+    if args.rows:
+        args.rows.write_text(json.dumps(rows, indent=1))
     if args.write:
         write_section(text)
         print(f"wrote the {HEADING!r} section of benchmarks/RESULTS.md")
