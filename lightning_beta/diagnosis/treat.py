@@ -6,6 +6,10 @@ The model is deep-copied; every other group is frozen (``requires_grad=False``, 
 eval mode so their running statistics do not move), and the copy is retrained with the physics momentum schedule.
 ``selection="parameters"`` spends the same parameter budget on the individual parameters with the largest
 error gradient instead (a masked update). Retraining every group is the full-retraining baseline.
+
+Two policies: ``"fixed"`` (the default) retrains for ``max_epochs`` at ``lr``; ``"search"``
+(:mod:`lightning_beta.diagnosis.repair`) chooses the lr on a held-out split of the training data, re-initialises or
+widens to neighbour groups when retraining fails, and stops early, within ``budget`` of full retraining's steps.
 """
 
 from __future__ import annotations
