@@ -22,13 +22,14 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_beta import BetaMomentumCallback, DampingRegimeMonitor, LayerAttributionCallback
+from lightning_beta import BetaMomentumCallback, DampingRegimeMonitor, LayerAttributionCallback, register_momentum
+from lightning_beta.artifact import AttributionArtifact, GroupTotals, ReferenceStats, save_attribution
 from lightning_beta.callbacks.layer_attribution import check_strategy
 from lightning_beta.cli import main
-from lightning_beta.diagnosis import load_attribution
-from lightning_beta.artifact import AttributionArtifact, GroupTotals, ReferenceStats, save_attribution
+from lightning_beta.diagnosis import load_attribution, reference_statistics
 from lightning_beta.functional import DampingRegime, SecantCurvature, classify_regime, critical_momentum, damping_ratio
 from lightning_beta.layer_groups import group_parameters
+from lightning_beta.reference import record_reference
 from tests.helpers import TinyModel, make_loader, trainer_kwargs
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "errors.md"
@@ -117,6 +118,16 @@ class OtherAndRoot(nn.Module):
         self.scale = nn.Parameter(torch.ones(1))
 
 
+class Lion(torch.optim.Optimizer):
+    """Lion's shape (``betas`` in each group; the update is the sign of a mix of buffer and gradient): refused by name."""
+
+    def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99)) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas})
+
+    def step(self, closure: Any = None) -> None:
+        return None
+
+
 def _unknown_length(tmp: Path) -> None:
     loader = make_loader()
     trainer = pl.Trainer(**trainer_kwargs(tmp, callbacks=[BetaMomentumCallback(switch_at=0.5)], max_epochs=-1))
@@ -149,6 +160,9 @@ CASES: list[Case] = [
     Case(B, "switch_at=0.5, fit with max_epochs=-1", MisconfigurationException, "`switch_at=0.5` is a fraction of the run, but the run's length is unknown (`trainer.estimated_stepping_batches` is infinite). Pass an int step or set `max_steps`.", _unknown_length),
     Case(B, "a scheduler sets lr to NaN", ValueError, "learning rate `lr` must be a finite number >= 0, got nan", _fit([BetaMomentumCallback()], lambda: TinyModel(lambda m: torch.optim.SGD(m.parameters(), lr=NAN, momentum=0.9)))),
     Case(B, "load_state_dict of version 0", ValueError, "BetaMomentumCallback state has version 0; this release reads version 1", lambda t: BetaMomentumCallback().load_state_dict({"version": 0})),
+    Case(B, "fit with Lion", MisconfigurationException, "BetaMomentumCallback cannot write the momentum of optimizer 0 (Lion): its betas interpolate the update direction (sign of a mix of buffer and gradient), not a heavy-ball buffer. If its update follows a heavy-ball buffer `buf = mu*buf + c*grad`, declare where `mu` lives with `lightning_beta.register_momentum(Lion, slot=\"betas\")` (or `slot=\"momentum\"`). Pass `on_unsupported=\"warn\"` to skip it.", _fit([BetaMomentumCallback()], lambda: TinyModel(lambda m: Lion(m.parameters())))),
+    Case("register_momentum", 'slot="beta"', ValueError, "`slot` must be \"momentum\" or \"betas\", got 'beta'", lambda t: register_momentum(torch.optim.SGD, slot="beta")),  # type: ignore[arg-type]
+    Case("register_momentum", "an SGD instance", TypeError, "`optimizer_cls` must be an optimizer class, got SGD", lambda t: register_momentum(torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1), slot="momentum")),  # type: ignore[arg-type]
     # ---- DampingRegimeMonitor(...)
     Case(M, "tolerance=1.0", ValueError, "`tolerance` must be in [0, 1), got 1.0", lambda t: DampingRegimeMonitor(tolerance=1.0)),
     Case(M, 'tolerance="0.1"', TypeError, "`tolerance` must be a float, got str", lambda t: DampingRegimeMonitor(tolerance="0.1")),  # type: ignore[arg-type]
@@ -221,17 +235,25 @@ CASES: list[Case] = [
     Case("load_attribution", "totals of other groups", ValueError, "'<path>' is not an attribution artifact: `totals` names ['body'] but `groups` names ['body', 'head']", _load({**_artifact(), "totals": {"body": _artifact()["totals"]["body"]}})),
     Case("load_attribution", "reference of an unknown group", ValueError, "'<path>' is not an attribution artifact: `reference` names unknown group(s) ['neck']", _load({**_artifact(), "reference": {"neck": {"mean": [0.0], "var": [1.0], "count": 1}}})),
     Case("save_attribution", "an artifact holding NaN", ValueError, "Out of range float values are not JSON compliant: nan", lambda t: save_attribution(AttributionArtifact({"a": 1}, {}, [0], [[NAN]], [NAN], {"a": GroupTotals(NAN, NAN, NAN, 1, 0)}, GroupTotals(NAN, NAN, NAN, 1, 0)), t / "a.json")),
+    # ---- reference statistics
+    Case("record_reference", "n_batches=-1", ValueError, "`n_batches` must be an int >= 0, got -1", lambda t: record_reference(None, TinyModel(), {"head": nn.Linear(2, 2)}, -1)),
+    Case("record_reference", 'feature_dim="last"', TypeError, "`feature_dim` must be None, an int or a dict of group names to ints, got 'last'", lambda t: record_reference(None, TinyModel(), {"head": nn.Linear(2, 2)}, 1, feature_dim="last")),  # type: ignore[arg-type]
+    Case("record_reference", 'feature_dim={"neck": 1}', ValueError, "`feature_dim` names unknown group(s) ['neck']; the groups are ['head']", lambda t: record_reference(None, TinyModel(), {"head": nn.Linear(2, 2)}, 1, feature_dim={"neck": 1})),
+    Case("reference_statistics", 'feature_dim={"neck": 1}', ValueError, "`feature_dim` names unknown group(s) ['neck']; the groups are ['body', 'head']", lambda t: reference_statistics(TinyModel(), make_loader(), feature_dim={"neck": 1})),
+    Case("reference_statistics", "feature_dim=1.5", TypeError, "`feature_dim` must be None, an int or a dict of group names to ints, got 1.5", lambda t: reference_statistics(TinyModel(), make_loader(), feature_dim=1.5)),  # type: ignore[arg-type]
     # ---- the command line: exit code 2 and this text on stderr
     Case("lightning-beta", "demo --epochs 0", CliError, "argument --epochs: expected a whole number >= 1, got 0", _cli("demo", "--epochs", "0")),
     Case("lightning-beta", "demo --epochs many", CliError, "argument --epochs: expected a whole number >= 1, got 'many'", _cli("demo", "--epochs", "many")),
     Case("lightning-beta", "demo --seed -1", CliError, "argument --seed: expected a whole number >= 0, got -1", _cli("demo", "--seed", "-1")),
-    Case("lightning-beta", "launch", CliError, "argument {demo,report}: invalid choice: 'launch'", _cli("launch")),
-    Case("lightning-beta", "(no command)", CliError, "the following arguments are required: {demo,report}", _cli()),
+    Case("lightning-beta", "launch", CliError, "argument {demo,report,diagnose}: invalid choice: 'launch'", _cli("launch")),
+    Case("lightning-beta", "(no command)", CliError, "the following arguments are required: {demo,report,diagnose}", _cli()),
     Case("lightning-beta", "demo --out FILE", CliError, "--out <path>: cannot create the directory (File exists)", _cli("demo", "--out", "<path>", file="x")),
     Case("lightning-beta", "demo --out FILE/runs", CliError, "--out <path>/runs: cannot create the directory (Not a directory)", _cli("demo", "--out", "<path>/runs", file="x")),
     Case("lightning-beta", "report MISSING", CliError, "<path>: no such file", _cli("report", "<path>")),
     Case("lightning-beta", "report FILE (not JSON)", CliError, "<path>: not JSON (Expecting property name enclosed in double quotes at line 1), so not an artifact", _cli("report", "<path>", file="{not json")),
     Case("lightning-beta", "report FILE (other JSON)", CliError, "<path>: not a lightning_beta artifact (its `kind` is None)", _cli("report", "<path>", file='{"hello": 1}')),
+    Case("lightning-beta", "report CHECKPOINT", CliError, "<path>: a torch/Lightning checkpoint, not a JSON artifact; pass the attribution.json that LayerAttributionCallback writes (its `path`) or a diagnosis report (diagnosis.json)", _cli("report", "<path>", file="PK\x03\x04")),
+    Case("lightning-beta", "diagnose FILE --model Model", CliError, "--model Model: expected a class path such as package.module.Class", _cli("diagnose", "<path>", "--model", "Model", "--data", "x.Y", file="x")),
 ]  # fmt: skip
 
 

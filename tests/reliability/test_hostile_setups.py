@@ -118,10 +118,14 @@ def test_backbone_finetuning_freezes_then_adds_a_group(tmp_path: Path) -> None:
     art = attribution.artifact
     assert art.totals["backbone"].count == 8 and art.totals["head"].count == 12
     assert art.history[0][0] is None and art.history[1][0] is not None  # no gradient in epoch 0, then counted
-    # the log keys follow the number of groups: "damping/zeta" for one, "/pg0", "/pg1" once the backbone joins
+    # the log keys are stable over the fit: the first group keeps "damping/zeta" and "beta/momentum" for all 12
+    # steps (never renamed to "/pg0"), and the group the backbone joins as gets its own "/pg1" from step 4 on
     logged = scalars(trainer)
-    assert [s for s, _ in logged["damping/zeta"]] == [0, 1, 2, 3]
+    assert [s for s, _ in logged["damping/zeta"]] == list(range(12))
     assert [s for s, _ in logged["damping/zeta/pg1"]] == list(range(4, 12))
+    assert [s for s, _ in logged["beta/momentum"]] == list(range(12))
+    assert [s for s, _ in logged["beta/momentum/pg1"]] == list(range(4, 12))
+    assert not any(tag.endswith("/pg0") for tag in logged)
     assert {(r.epoch, r.group) for r in monitor.history} == {(0, "pg0"), (1, "pg0"), (1, "pg1"), (2, "pg0"), (2, "pg1")}
 
 
