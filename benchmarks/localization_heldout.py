@@ -380,6 +380,18 @@ def render(cases, skipped, n_groups, seeds, archs, runtime, command) -> str:
         " whole model first trained on for 20 batches (SGD lr 0.01, momentum 0.9, BatchNorm in train mode) so every"
         " group moved a little, then the fault planted; the references are still those of the trained model.",
         "",
+        "How to read it. The probe's replay rule is exact by construction on this benchmark: one fault at a time,"
+        " a deterministic CPU forward, so an unchanged group reproduces its recorded output bit for bit and only the"
+        " faulty group scores above 0 (margin inf). The *after further training* condition is the real test of its"
+        " ranking: every group moved, and the margin says by how much the faulty group still stands out. What this"
+        " does not measure: faults in several groups at once, a record made on one device and replayed on another"
+        " (a float64 replay of a float32 record puts unchanged groups at <= 4e-7, 250x under the 1e-4 tolerance, on"
+        " the resnet and lnmlp; TF32 matmuls round at about 1e-3 and were not measured: they need a larger tolerance,"
+        " though likely still far below a"
+        " fault), probe inputs from another distribution than the training data, and groups whose inputs torch.load"
+        " cannot read back, such as a cache object (they fall back to the first-change rule, which the second"
+        " condition shows breaks once the whole model has moved).",
+        "",
     ]
     for condition in (FROZEN, DRIFTED):
         subset = [c for c in cases if c["condition"] == condition]

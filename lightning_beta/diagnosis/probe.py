@@ -444,8 +444,9 @@ def probe_localize(model: nn.Module, record: ProbeRecord, tolerance: float = 1e-
     Args:
         model: the model to examine, with the groups the record was made on.
         record: from :func:`record_probe` on the healthy model (or :meth:`ProbeRecord.load`).
-        tolerance: a relative change at most this large counts as unchanged (device non-determinism). Defaults to
-            ``1e-4``.
+        tolerance: a relative change at most this large counts as unchanged: rounding differences between devices
+            or kernels (a float64 replay of a float32 record gives at most 4e-7 on the digits models; TF32 matmuls
+            round at about 1e-3 and need a larger tolerance). Defaults to ``1e-4``.
         replay: run each group on its recorded input where the record has it. ``False`` uses the first-change
             rule for every group. Defaults to ``True``.
 
