@@ -1,8 +1,8 @@
 """Diagnosis on a trained model or a saved artifact, no Trainer required.
 
-Localize (:func:`attribute_errors`, :func:`activation_drift`, :func:`kinetic_energy_scores`), Diagnose
-(:func:`flag_layers`, :func:`optimizer_overlap`), Treat (:func:`surgical_correction`), Verify (:func:`verify`),
-and all of them at once (:func:`diagnose`). Under distribution shift, :func:`recommend_groups` proposes the groups
+Localize (:func:`attribute_errors`, :func:`activation_drift`, :func:`probe_localize`,
+:func:`kinetic_energy_scores`), Diagnose (:func:`flag_layers`, :func:`optimizer_overlap`), Treat
+(:func:`surgical_correction`), Verify (:func:`verify`), and all of them at once (:func:`diagnose`). Under distribution shift, :func:`recommend_groups` proposes the groups
 to fine-tune, beside the Auto-RGN baseline (:func:`auto_rgn`).
 """
 
@@ -12,6 +12,7 @@ from lightning_beta.diagnosis.flag import Overlap, flag_layers, jaccard, optimiz
 from lightning_beta.diagnosis.kinetic import kinetic_energy_probe, kinetic_energy_scores
 from lightning_beta.diagnosis.localize import attribute_errors, error_gradients
 from lightning_beta.diagnosis.pipeline import DiagnosisReport, diagnose, scan_history
+from lightning_beta.diagnosis.probe import ProbeRecord, probe_localize, record_probe
 from lightning_beta.diagnosis.scores import LayerScores
 from lightning_beta.diagnosis.shift import (
     FineTuneResult,
@@ -33,6 +34,7 @@ __all__ = [
     "GroupTotals",
     "LayerScores",
     "Overlap",
+    "ProbeRecord",
     "ReferenceStats",
     "ShiftRecommendation",
     "SurgeryResult",
@@ -50,7 +52,9 @@ __all__ = [
     "kinetic_energy_scores",
     "load_attribution",
     "optimizer_overlap",
+    "probe_localize",
     "recommend_groups",
+    "record_probe",
     "reference_statistics",
     "relative_gradient_norms",
     "rgn_multipliers",

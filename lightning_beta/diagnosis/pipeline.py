@@ -23,13 +23,14 @@ from lightning_beta.diagnosis.drift import Reference, activation_drift
 from lightning_beta.diagnosis.flag import flag_layers
 from lightning_beta.diagnosis.kinetic import kinetic_energy_probe
 from lightning_beta.diagnosis.localize import attribute_errors
+from lightning_beta.diagnosis.probe import ProbeRecord, probe_localize
 from lightning_beta.diagnosis.scores import LayerScores
 from lightning_beta.diagnosis.treat import Policy, SurgeryResult, check_trainer_kwargs, surgical_correction
 from lightning_beta.diagnosis.verify import Verification, verify
 from lightning_beta.layer_groups import GroupBy, group_parameters
 
-Localizer = Literal["auto", "gradient", "drift", "kinetic"]
-LOCALIZERS = ("auto", "gradient", "drift", "kinetic")
+Localizer = Literal["auto", "gradient", "drift", "kinetic", "probe"]
+LOCALIZERS = ("auto", "gradient", "drift", "kinetic", "probe")
 
 #: ``kind`` of the report JSON, read by ``lightning-beta report``.
 KIND = "lightning_beta.diagnosis_report"
@@ -222,7 +223,14 @@ def _localize(
     group_by: GroupBy,
     loss_fn: LossFn | None,
     predict: Predict | None,
+    probe: ProbeRecord | None = None,
 ) -> LayerScores:
+    if localizer == "probe" or (localizer == "auto" and probe is not None):
+        if probe is None:
+            raise ValueError(
+                '`localizer="probe"` needs `probe=`: a ProbeRecord from `record_probe(healthy_model, inputs)`'
+            )
+        return probe_localize(model, probe)
     if localizer == "auto":
         has_bn = any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules())
         localizer = "drift" if reference is not None or has_bn else "gradient"
@@ -241,6 +249,7 @@ def diagnose(
     history: Sequence[Any] | None = None,
     localizer: Localizer = "auto",
     reference: Reference | None = None,
+    probe: ProbeRecord | None = None,
     localize_dataloader: Iterable[Any] | None = None,
     group_by: GroupBy = "auto",
     ratio: float = 2.0,
@@ -267,9 +276,12 @@ def diagnose(
         history: a damping-regime history (``DampingRegimeMonitor.history`` or any list of dicts/dataclasses).
             Defaults to ``None``.
         localizer: ``"drift"`` (:func:`activation_drift`), ``"gradient"`` (:func:`attribute_errors`),
-            ``"kinetic"`` (:func:`kinetic_energy_probe`) or ``"auto"``: drift when a reference is given or the model
-            has BatchNorm, else gradient. Defaults to ``"auto"``.
+            ``"kinetic"`` (:func:`kinetic_energy_probe`), ``"probe"`` (:func:`probe_localize`, needs ``probe``) or
+            ``"auto"``: the probe when a record is given, else drift when a reference is given or the model has
+            BatchNorm, else gradient. Defaults to ``"auto"``.
         reference: reference statistics for the drift localizer. Defaults to ``None``.
+        probe: a :class:`ProbeRecord` of the healthy model (:func:`record_probe`), for the probe localizer, which
+            finds faults that keep per-channel statistics. Defaults to ``None``.
         localize_dataloader: data to localize on. Defaults to ``train_dataloaders``.
         group_by: layer groups. Defaults to ``"auto"``.
         ratio: flagging rule of :func:`flag_layers`. Defaults to ``2.0``.
@@ -299,7 +311,8 @@ def diagnose(
         on ``val_dataloader`` (``report.worse``; the report says so).
 
     Raises:
-        ValueError: for an unknown ``localizer`` and the errors of the steps it runs.
+        ValueError: for an unknown ``localizer``, ``localizer="probe"`` without ``probe``, and the errors of the steps
+            it runs.
         TypeError: for a keyword argument that neither ``diagnose`` nor ``Trainer`` takes (``epochs`` is named
             ``max_epochs``).
 
@@ -317,7 +330,7 @@ def diagnose(
     check_trainer_kwargs("diagnose", trainer_kwargs)
     scan = scan_history(history) if history is not None else None
     localize_data = localize_dataloader or train_dataloaders
-    scores = _localize(localizer, model, localize_data, reference, group_by, loss_fn, predict)
+    scores = _localize(localizer, model, localize_data, reference, group_by, loss_fn, predict, probe)
     flagged = flag_layers(scores, ratio=ratio, top_k=top_k)
     if not flagged:
         reason = scores.message or "no group scored high enough to be flagged"

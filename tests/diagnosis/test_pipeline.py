@@ -69,7 +69,9 @@ def test_nothing_to_treat_is_a_clear_result():
 
 def test_diagnose_bad_inputs():
     net, data = setup_case()
-    with pytest.raises(ValueError, match="`localizer` must be one of 'auto', 'gradient', 'drift', 'kinetic', got 'x'"):
+    with pytest.raises(
+        ValueError, match="`localizer` must be one of 'auto', 'gradient', 'drift', 'kinetic', 'probe', got 'x'"
+    ):
         diagnose(net, data, data, localizer="x")
     with pytest.raises(ValueError, match="no BatchNorm running statistics"):
         diagnose(net, data, data, localizer="drift")

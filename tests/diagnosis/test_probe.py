@@ -224,3 +224,18 @@ def test_bad_inputs() -> None:
         probe_localize(wider, record, replay=False)
     with pytest.raises(ValueError, match=r"`model` has no group module \['2', '4'\] of the record"):
         probe_localize(nn.Sequential(nn.Linear(4, 3)), record)
+
+
+def test_diagnose_with_a_probe_record_flags_the_faulty_group() -> None:
+    from lightning_beta.diagnosis import diagnose
+
+    net = _mlp()
+    x, loader = _data()
+    record = record_probe(net, x[:128])
+    bad = _moment_matched_permutation(net, x)
+    # "auto" takes the probe when a record is given; the drift localizer would name a later group (test above).
+    report = diagnose(bad, loader, loader, probe=record, top_k=1, max_epochs=1, logger=False)
+    assert report.scores.method == "probe"
+    assert report.flagged == ["0"]
+    with pytest.raises(ValueError, match='`localizer="probe"` needs `probe=`'):
+        diagnose(bad, loader, loader, localizer="probe", top_k=1)
