@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_beta.demos.digits import build_network, digits_dataloaders
 from lightning_beta.diagnosis import (
     activation_drift,
     attribute_errors,
@@ -38,7 +39,6 @@ from lightning_beta.diagnosis import (
     surgical_correction,
     verify,
 )
-from lightning_beta.demos.digits import build_network, digits_dataloaders
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section

@@ -15,8 +15,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_beta.diagnosis import activation_drift, attribute_errors, diagnose, reference_statistics
 from lightning_beta.demos.digits import DigitsClassifier, digits_dataloaders
+from lightning_beta.diagnosis import activation_drift, attribute_errors, diagnose, reference_statistics
 
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)

@@ -2,8 +2,9 @@
 
 Localize (:func:`attribute_errors`, :func:`activation_drift`, :func:`probe_localize`,
 :func:`kinetic_energy_scores`), Diagnose (:func:`flag_layers`, :func:`optimizer_overlap`), Treat
-(:func:`surgical_correction`), Verify (:func:`verify`), and all of them at once (:func:`diagnose`). Under distribution shift, :func:`recommend_groups` proposes the groups
-to fine-tune, beside the Auto-RGN baseline (:func:`auto_rgn`).
+(:func:`surgical_correction`), Verify (:func:`verify`), and all of them at once (:func:`diagnose`). Under
+distribution shift, :func:`recommend_groups` proposes the groups to fine-tune, beside the Auto-RGN baseline
+(:func:`auto_rgn`).
 """
 
 from lightning_beta.artifact import AttributionArtifact, GroupTotals, ReferenceStats, load_attribution
