@@ -153,8 +153,14 @@ class DemoResult:
         return lines
 
 
-#: Lightning's loggers whose info lines (accelerator, tips) the demo hides; warnings still show.
-QUIET_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators")
+#: Lightning's loggers whose info lines (accelerator, tips) the demo hides; warnings still show. Both namespaces:
+#: once ``pytorch_lightning`` is imported, ``lightning``'s own ``rank_zero_info`` lines go through its logger.
+QUIET_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.pytorch.accelerators",
+    "pytorch_lightning.utilities.rank_zero",
+    "pytorch_lightning.accelerators",
+)
 #: Harmless warnings of the demo's own setup (tiny in-memory dataloaders; a torch deprecation inside Lightning).
 QUIET_WARNINGS = (".*does not have many workers.*", ".*LeafSpec.*")
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -40,6 +40,17 @@ def test_quiet_hides_lightning_info_but_not_lightning_beta(tmp_path, caplog):
     assert any("GPU available" in record.getMessage() for record in caplog.records)
 
 
+def test_quiet_hides_lightning_info_once_pytorch_lightning_is_imported(tmp_path, caplog):
+    """Importing ``pytorch_lightning`` moves ``lightning``'s info lines to its logger: still hidden, then restored."""
+    pytest.importorskip("pytorch_lightning")
+    caplog.set_level(logging.INFO)
+    with quiet():
+        pl.Trainer(**trainer_kwargs(tmp_path))
+    assert not any("GPU available" in record.getMessage() for record in caplog.records)
+    pl.Trainer(**trainer_kwargs(tmp_path))
+    assert any("GPU available" in record.getMessage() for record in caplog.records)
+
+
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_two_devices_print_one_table_with_the_reduced_numbers(tmp_path):
