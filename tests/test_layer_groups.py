@@ -280,3 +280,13 @@ def test_callbacks_read_a_digit_string_group_by_as_the_same_depth():
     assert from_cli.group_by == 2 and isinstance(from_cli.group_by, int)
     assert from_cli.state_key == from_yaml.state_key
     assert DampingRegimeMonitor(curvature="secant", group_by="3", log=False).group_by == 3
+
+
+def test_a_child_named_other_beside_root_parameters_is_an_ordinary_group():
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.other = nn.Linear(2, 2)
+            self.scale = nn.Parameter(torch.ones(1))
+
+    assert group_parameters(Model()) == {"scale": ["scale"], "other": ["other.weight", "other.bias"]}
