@@ -47,7 +47,13 @@ def log_epoch(pl_module: Any, metrics: Mapping[str, Tensor | float], prog_bar: b
     """Hand per-epoch metrics to Lightning (``on_epoch=True``), from ``on_train_epoch_end``.
 
     Lightning calls non-monitoring callbacks' ``on_train_epoch_end`` before ``EarlyStopping`` and
-    ``ModelCheckpoint``, so these metrics are in ``callback_metrics`` when those check.
+    ``ModelCheckpoint``, so these metrics are in ``callback_metrics`` when those check. With several processes the
+    values are already equal on every rank (DDP averages gradients, sharded sums are reduced, the lr is shared), so
+    ``sync_dist=True`` changes no value: it is what Lightning asks of epoch metrics in a distributed run, at one
+    all-reduce per key and epoch, and it keeps ranks from ever disagreeing on a monitored value.
     """
     if metrics:
-        pl_module.log_dict(dict(metrics), on_step=False, on_epoch=True, prog_bar=prog_bar, batch_size=1)
+        distributed = pl_module.trainer.world_size > 1
+        pl_module.log_dict(
+            dict(metrics), on_step=False, on_epoch=True, prog_bar=prog_bar, batch_size=1, sync_dist=distributed
+        )

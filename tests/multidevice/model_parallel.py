@@ -85,6 +85,9 @@ class Spawned:
     def teardown(self) -> None:
         super().teardown()  # type: ignore[misc]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Both ranks reach this point before either tears its gloo threads down: a rank that destroyed the group
+            # while the other still ran its last collective aborted now and then on a loaded machine.
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
