@@ -28,3 +28,18 @@ def is_sharded(strategy: Any) -> bool:
         (False, True)
     """
     return isinstance(strategy, sharded_strategy_types())
+
+
+def shards_flat(strategy: Any) -> bool:
+    """Whether ``strategy`` shards parameters into per-rank flat buffers (FSDP1, DeepSpeed), not per tensor.
+
+    Under FSDP2 (``ModelParallelStrategy`` with ``fully_shard``) each parameter stays a tensor of its own (a
+    ``DTensor``) whose shards can be summed over ranks; under the others a layer's gradient cannot be read at all.
+
+    Example:
+        >>> from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+        >>> shards_flat(FSDPStrategy()), shards_flat(ModelParallelStrategy())
+        (True, False)
+    """
+    per_tensor = any(cls.__name__ == "ModelParallelStrategy" for cls in type(strategy).__mro__)
+    return is_sharded(strategy) and not per_tensor

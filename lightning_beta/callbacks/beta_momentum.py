@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.optim.lr_scheduler import CyclicLR, OneCycleLR
 
-from lightning_beta._checks import check_bool
+from lightning_beta._checks import check_bool, check_state_version
 from lightning_beta._logging import is_logging_step, log_step
 from lightning_beta._optim import (
     MomentumSlot,
@@ -430,11 +430,7 @@ class BetaMomentumCallback(pl.Callback):
         Raises:
             ValueError: if the state's ``version`` is not this release's.
         """
-        version = state_dict.get("version")
-        if version != _STATE_VERSION:
-            raise ValueError(
-                f"BetaMomentumCallback state has version {version!r}; this release reads version {_STATE_VERSION}"
-            )
+        check_state_version("BetaMomentumCallback", state_dict, _STATE_VERSION)
         self.switch_step = state_dict["switch_step"]
         self._crossover_armed = bool(state_dict["crossover_armed"])
         self._clamp_warned = bool(state_dict["clamp_warned"])

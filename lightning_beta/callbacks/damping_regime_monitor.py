@@ -25,7 +25,7 @@ from lightning_beta._optim import (
     read_slot,
     unwrap_optimizer,
 )
-from lightning_beta._strategies import is_sharded
+from lightning_beta._strategies import shards_flat
 from lightning_beta._tensorboard import tensorboard_experiment, write_layout
 from lightning_beta.functional.curvature import SecantCurvature, check_decay, layer_metrics, merged_state, secant_layers
 from lightning_beta.functional.damping import check_tolerance, classify_regime, damping_ratio
@@ -216,7 +216,7 @@ class DampingRegimeMonitor(pl.Callback):
         Raises:
             MisconfigurationException: with ``curvature="secant"`` under FSDP1 or DeepSpeed.
         """
-        if self.secant and is_sharded(trainer.strategy) and not _shards_per_parameter(trainer.strategy):
+        if self.secant and shards_flat(trainer.strategy):
             # FSDP1 and DeepSpeed flatten the parameters into per-rank buffers: no layer can be measured.
             raise MisconfigurationException(
                 "DampingRegimeMonitor(curvature='secant') does not support the sharded strategy"
@@ -510,11 +510,6 @@ class DampingRegimeMonitor(pl.Callback):
         self._last_step = int(state_dict["last_step"])
         self._reported = set(state_dict["reported"])
         self._secant_state = state_dict["secant"]
-
-
-def _shards_per_parameter(strategy: Any) -> bool:
-    """Whether the strategy keeps each parameter as a tensor of its own (FSDP2's ``ModelParallelStrategy``)."""
-    return any(cls.__name__ == "ModelParallelStrategy" for cls in type(strategy).__mro__)
 
 
 def _label(suffix: str, groups: list[dict[str, Any]], group_idx: int) -> str:

@@ -21,7 +21,7 @@ from lightning_beta._checks import check_int, check_state_version
 from lightning_beta._gradients import grad_scaler, is_distributed_tensor, local_tensor, pending_scale
 from lightning_beta._logging import is_logging_step, log_epoch, log_step
 from lightning_beta._optim import unwrap_optimizer
-from lightning_beta._strategies import is_sharded
+from lightning_beta._strategies import is_sharded, shards_flat
 from lightning_beta._tensorboard import write_layout
 from lightning_beta.artifact import AttributionArtifact, GroupTotals, ReferenceStats, save_attribution
 from lightning_beta.callbacks._attribution_outputs import artifact_directory, log_panels, publish_artifact
@@ -519,7 +519,7 @@ def check_strategy(strategy: Strategy) -> None:
         >>> check_strategy(SingleDeviceStrategy("cpu")), check_strategy(ModelParallelStrategy())
         (None, None)
     """
-    if is_sharded(strategy) and "ModelParallelStrategy" not in {cls.__name__ for cls in type(strategy).__mro__}:
+    if shards_flat(strategy):
         raise MisconfigurationException(
             f"LayerAttributionCallback does not support the sharded strategy {type(strategy).__name__}: each rank"
             " holds only a shard of each gradient, so its norms would be wrong. Use DDP or a single device."
