@@ -476,6 +476,11 @@ def record_reference(
     except Exception as err:  # the fit is over: a failed pass costs the reference only
         # Kept as a reason, not raised: the other ranks wait in the collectives below for this one.
         failure = f"the reference forward pass raised {type(err).__name__}: {err}"
+        if forward is None:  # the default forward: say how to give another
+            failure += (
+                " (a LightningModule whose `forward` does not take the batch's inputs needs"
+                " `LayerAttributionCallback(reference_forward=...)`)"
+            )
     widths = recorder.local_widths()
     if failure is not None:
         widths = dict.fromkeys(widths, -1)

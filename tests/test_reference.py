@@ -639,7 +639,7 @@ def test_attribution_reference_forward_for_a_module_without_forward(tmp_path):
 
     loader = _images()
     plain = LayerAttributionCallback(reference_batches=2, dirpath=tmp_path / "plain")
-    with pytest.warns(UserWarning, match="forward"):
+    with pytest.warns(UserWarning, match=r"needs `LayerAttributionCallback\(reference_forward=\.\.\.\)`"):
         pl.Trainer(callbacks=[plain], **_fit_kwargs(tmp_path)).fit(ConvNetWithoutForward(), loader)
     assert plain.artifact.reference == {} and set(plain.artifact.reference_skipped) == {"stem", "block", "head"}
 
