@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_beta._optim import read_momentum, read_slot, unwrap_optimizer
 
@@ -164,3 +164,26 @@ class SpawnDDP(DDPStrategy):
         super().teardown()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+# ------------------------------------------------------------------ multi-process fits (DDP and ModelParallel tests)
+
+#: Samples per optimizer step over all ranks.
+GLOBAL_BATCH = 8
+
+
+def sgd_momentum(module: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9)
+
+
+def step_cosine(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return {"scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=6), "interval": "step"}
+
+
+def strided_loader(trainer: Any) -> DataLoader:
+    """Rank r of w reads samples r, r + w, ... in order, in batches of ``GLOBAL_BATCH // w``: the same global batches
+    as one process with batch ``GLOBAL_BATCH``."""
+    dataset = make_loader(n=64).dataset
+    world, rank = trainer.world_size, trainer.global_rank
+    sampler: DistributedSampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+    return DataLoader(dataset, batch_size=GLOBAL_BATCH // world, sampler=sampler)

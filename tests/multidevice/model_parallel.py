@@ -33,17 +33,15 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch import Tensor
 
 from lightning_beta.callbacks.beta_momentum import BetaMomentumCallback
 from lightning_beta.callbacks.damping_regime_monitor import DampingRegimeMonitor
 from lightning_beta.callbacks.layer_attribution import LayerAttributionCallback
 from lightning_beta.functional.damping import damping_ratio
-from tests.helpers import StepRecorder, TinyModel, make_loader, trainer_kwargs
+from tests.helpers import StepRecorder, TinyModel, sgd_momentum, step_cosine, strided_loader, trainer_kwargs
 
 WORLD = 2
-GLOBAL_BATCH = 8
 STEPS_PER_EPOCH = 3
 #: Fails a collective that one rank never joins within a minute, instead of gloo's default 30 minutes.
 TIMEOUT = timedelta(seconds=60)
@@ -102,19 +100,11 @@ class SpawnModelParallel(Spawned, ModelParallelStrategy):
 # ------------------------------------------------------------------ the model
 
 
-def sgd(module: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9)
-
-
-def cosine(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    return {"scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=6), "interval": "step"}
-
-
 class ShardedModel(TinyModel):
     """``TinyModel`` sharded with FSDP2 when the strategy has a device mesh; strided global batches."""
 
     def __init__(self) -> None:
-        super().__init__(sgd, cosine)
+        super().__init__(sgd_momentum, step_cosine)
 
     def configure_model(self) -> None:
         # Lightning calls this after the process group exists and before ``configure_optimizers``: the optimizer
@@ -129,10 +119,7 @@ class ShardedModel(TinyModel):
         fully_shard(self, mesh=mesh["data_parallel"])
 
     def train_dataloader(self) -> Any:
-        dataset = make_loader(n=64).dataset
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        sampler: DistributedSampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
-        return DataLoader(dataset, batch_size=GLOBAL_BATCH // world, sampler=sampler)
+        return strided_loader(self.trainer)
 
 
 # ------------------------------------------------------------------ what the ranks saw

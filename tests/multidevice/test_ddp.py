@@ -23,40 +23,36 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch import Tensor
 
 from lightning_beta.callbacks.beta_momentum import BetaMomentumCallback
 from lightning_beta.callbacks.damping_regime_monitor import DampingRegimeMonitor
 from lightning_beta.callbacks.layer_attribution import LayerAttributionCallback
 from lightning_beta.diagnosis import load_attribution
-from tests.helpers import SpawnDDP, StepRecorder, TinyModel, make_loader, read_scalars, trainer_kwargs
+from tests.helpers import (
+    SpawnDDP,
+    StepRecorder,
+    TinyModel,
+    read_scalars,
+    sgd_momentum,
+    step_cosine,
+    strided_loader,
+    trainer_kwargs,
+)
 
-GLOBAL_BATCH = 8
 STEPS_PER_EPOCH = 3
 #: Fails a collective that one rank never joins within a minute, instead of gloo's default 30 minutes.
 TIMEOUT = timedelta(seconds=60)
-
-
-def _sgd(module: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9)
-
-
-def _cosine(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    return {"scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=6), "interval": "step"}
 
 
 class _StridedModel(TinyModel):
     """Rank r of w reads samples r, r + w, ... in order, in batches of GLOBAL_BATCH // w."""
 
     def __init__(self) -> None:
-        super().__init__(_sgd, _cosine)
+        super().__init__(sgd_momentum, step_cosine)
 
     def train_dataloader(self) -> Any:
-        dataset = make_loader(n=64).dataset
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
-        return DataLoader(dataset, batch_size=GLOBAL_BATCH // world, sampler=sampler)
+        return strided_loader(self.trainer)
 
 
 class _CollectiveStepModel(_StridedModel):

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_beta.artifact import load_attribution
 from lightning_beta.callbacks.damping_regime_monitor import DampingRegimeMonitor
 from lightning_beta.callbacks.layer_attribution import LayerAttributionCallback, check_strategy
-from tests.helpers import StepRecorder, TinyModel, make_loader, read_scalars, trainer_kwargs
+from tests.helpers import StepRecorder, TinyModel, make_loader, read_scalars, sgd_momentum, trainer_kwargs
 from tests.multidevice.model_parallel import (
     STEPS_PER_EPOCH,
     SpawnModelParallel,
@@ -37,7 +37,6 @@ from tests.multidevice.model_parallel import (
     fit,
     make_callbacks,
     records,
-    sgd,
 )
 
 STEPS = 2 * STEPS_PER_EPOCH
@@ -191,7 +190,7 @@ def test_attribution_refuses_flat_sharded_strategies_at_fit_start(tmp_path: Path
     strategy = FlatShardStandIn(torch.device("cpu"))
     trainer = Trainer(**trainer_kwargs(tmp_path, strategy=strategy, callbacks=[LayerAttributionCallback(), recorder]))
     with pytest.raises(MisconfigurationException, match="sharded strategy FlatShardStandIn: each rank holds only"):
-        trainer.fit(TinyModel(sgd), make_loader())
+        trainer.fit(TinyModel(sgd_momentum), make_loader())
     assert recorder.steps == []
 
 
@@ -203,10 +202,12 @@ def test_secant_curvature_refuses_flat_sharded_strategies_at_fit_start(tmp_path:
     with pytest.raises(
         MisconfigurationException, match="DampingRegimeMonitor\\(curvature='secant'\\) does not support the sharded"
     ):
-        trainer.fit(TinyModel(sgd), make_loader())
+        trainer.fit(TinyModel(sgd_momentum), make_loader())
     assert recorder.steps == []
     # A fixed curvature reads only the param groups' lr and momentum: no shard involved, no refusal.
     fixed = DampingRegimeMonitor(log=False)
     strategy = FlatShardStandIn(torch.device("cpu"))
-    Trainer(**trainer_kwargs(tmp_path, strategy=strategy, callbacks=[fixed])).fit(TinyModel(sgd), make_loader())
+    Trainer(**trainer_kwargs(tmp_path, strategy=strategy, callbacks=[fixed])).fit(
+        TinyModel(sgd_momentum), make_loader()
+    )
     assert len(fixed.history) == 1
