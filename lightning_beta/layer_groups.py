@@ -35,7 +35,7 @@ before a fit; an int depth or a dict of regexes groups otherwise.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 from lightning.pytorch.utilities import rank_zero_warn
@@ -326,3 +326,64 @@ def group_modules(model: nn.Module, groups: Mapping[str, Sequence[str]]) -> dict
         if own and own == set(params):
             found[name] = module
     return found
+
+
+def match_group_names(
+    recorded: Iterable[str], present: Iterable[str], argument: str = "reference"
+) -> tuple[dict[str, str], str]:
+    """Match group names recorded on one model (a reference, a probe record) to the groups of the model at hand.
+
+    The names match as they are, or all of them after stripping one leading prefix of whole dotted components: a
+    LightningModule that holds its network as ``self.model`` records ``model.bert.encoder.layer.0`` where the
+    network itself has ``bert.encoder.layer.0``. The prefix must be unambiguous: exactly one prefix, common to every
+    recorded name, makes every one of them a group of the model.
+
+    Args:
+        recorded: the recorded group names.
+        present: the model's group names.
+        argument: the argument the recorded names came in, for the error message. Defaults to ``"reference"``.
+
+    Returns:
+        ``(mapping, prefix)``: each recorded name to the model's group it stands for, and the prefix stripped
+        (``""`` when the names match as they are).
+
+    Raises:
+        ValueError: if some recorded name is no group of the model, as it is and after stripping any one common
+            prefix, or if two different prefixes would both do; the message lists both sets of names and how to fix
+            it.
+
+    Example:
+        >>> match_group_names(["model.embed", "model.head"], ["embed", "head"])
+        ({'model.embed': 'embed', 'model.head': 'head'}, 'model.')
+        >>> match_group_names(["embed"], ["embed", "head"])
+        ({'embed': 'embed'}, '')
+    """
+    names, known = list(recorded), list(present)
+    known_set = set(known)
+    if all(name in known_set for name in names):
+        return {name: name for name in names}, ""
+    # Candidate prefixes: the leading dotted components every recorded name shares (each leaving a name behind).
+    parts = [name.split(".") for name in names]
+    common: list[str] = []
+    for column in zip(*(p[:-1] for p in parts)) if parts else ():
+        if len(set(column)) != 1:
+            break
+        common.append(column[0])
+    fits = []
+    for depth in range(1, len(common) + 1):
+        prefix = ".".join(common[:depth]) + "."
+        if all(name[len(prefix) :] in known_set for name in names):
+            fits.append(prefix)
+    if len(fits) == 1:
+        return {name: name[len(fits[0]) :] for name in names}, fits[0]
+    unknown = [name for name in names if name not in known_set]
+    if fits:
+        why = f"stripping any of the prefixes {fits} would match them, which is ambiguous"
+    else:
+        why = "neither as they are nor after stripping one leading prefix common to all of them"
+    raise ValueError(
+        f"`{argument}` was recorded on a different model: it names group(s) {unknown} that the model does not have"
+        f" ({why}); the recorded groups are {names}, the model's groups are {known}. Pass the model the"
+        f" `{argument}` was recorded on (for groups recorded as 'model.…' on a LightningModule holding"
+        " `self.model`, that network is `lit.model`), or record it again on the model you pass"
+    )

@@ -24,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lightning_beta.artifact import AttributionArtifact, ReferenceStats
 from lightning_beta.diagnosis._batches import model_device
 from lightning_beta.diagnosis.scores import LayerScores
-from lightning_beta.layer_groups import GroupBy, group_modules, group_parameters, group_sizes
+from lightning_beta.layer_groups import GroupBy, group_modules, group_parameters, group_sizes, match_group_names
 from lightning_beta.reference import (
     FeatureDim,
     Forward,
@@ -224,6 +224,11 @@ def activation_drift(
       BatchNorm (e.g. a BatchNorm group itself or the classifier head) cannot be observed and score 0; the
       ``message`` lists them.
 
+    A reference recorded on a module that wraps the model (``LayerAttributionCallback`` on a LightningModule
+    holding ``self.model`` records ``model.bert.encoder.layer.0`` where ``lit.model`` has
+    ``bert.encoder.layer.0``) is matched after stripping that one prefix, and ``message`` says so
+    (:func:`~lightning_beta.layer_groups.match_group_names`).
+
     Args:
         model: the model to examine.
         dataloader: yields batches; ``forward`` picks the inputs (by default the first element of an
@@ -241,8 +246,9 @@ def activation_drift(
 
     Raises:
         ValueError: if the dataloader is empty; if ``reference`` is ``None`` and the model has no BatchNorm running
-            statistics; if the reference comes from a different model (a group the model does not have, other
-            parameter counts, or another number of features).
+            statistics; if the reference comes from a different model (a group the model does not have, as named
+            or after stripping one common prefix: the message lists both sets of names; other parameter counts; or
+            another number of features).
 
     Example:
         >>> from torch.utils.data import DataLoader, TensorDataset
@@ -258,17 +264,25 @@ def activation_drift(
     groups = group_parameters(model, group_by)
     sizes = group_sizes(model, groups)
     reasons: dict[str, str] = {}
+    prefix = ""
     if reference is None:
         out_drift, in_drift, unobserved = _batchnorm_drift(model, dataloader, groups, eps, forward)
     else:
-        ref = _check_reference(reference, groups, sizes)
+        ref, prefix = _check_reference(reference, groups, sizes)
         out_drift, in_drift, unobserved, reasons = _reference_drift(model, dataloader, groups, ref, eps, forward)
     scores = {name: max(0.0, out_drift.get(name, 0.0) - in_drift.get(name, 0.0)) for name in groups}
-    message = None
+    notes = []
+    if prefix:
+        notes.append(
+            f"the reference's group names carry the prefix {prefix!r} (recorded on a module wrapping this model, such"
+            " as a LightningModule's `self.model`): matched to this model's groups without it"
+        )
     if unobserved:
-        message = f"group(s) {unobserved} have no reference statistics and score 0"
+        note = f"group(s) {unobserved} have no reference statistics and score 0"
         if reasons:
-            message += f" ({_listing(reasons)})"
+            note += f" ({_listing(reasons)})"
+        notes.append(note)
+    message = "; ".join(notes) or None
     return LayerScores(
         scores=scores,
         method="drift",
@@ -281,30 +295,32 @@ def activation_drift(
 
 def _check_reference(
     reference: Reference, groups: Mapping[str, list[str]], sizes: Mapping[str, int]
-) -> Mapping[str, ReferenceStats]:
+) -> tuple[dict[str, ReferenceStats], str]:
+    """The reference statistics under the model's group names, and the prefix stripped to get them (or ``""``).
+
+    Names recorded on a module wrapping the model (a LightningModule's ``self.model``) carry its prefix, stripped
+    by :func:`~lightning_beta.layer_groups.match_group_names`; an artifact's ``groups`` (all the groups it was
+    recorded with, not only those with statistics) decide the prefix and must match the model's sizes.
+    """
     if isinstance(reference, AttributionArtifact):
-        if reference.groups and dict(reference.groups) != dict(sizes):
-            raise ValueError(
-                "`reference` was recorded on a different model: its groups (name: n_params) are"
-                f" {dict(reference.groups)}, the model's are {dict(sizes)}"
-            )
-        ref: Mapping[str, ReferenceStats] = reference.reference
+        stats: Mapping[str, ReferenceStats] = reference.reference
+        recorded = dict(reference.groups)
     elif isinstance(reference, Mapping):
-        ref = reference
+        stats, recorded = reference, {}
     else:
         raise TypeError(
             "`reference` must be an AttributionArtifact, a dict of ReferenceStats or None,"
             f" got {type(reference).__name__}"
         )
-    unknown = [name for name in ref if name not in groups]
-    if unknown:
+    mapping, prefix = match_group_names([*recorded, *(name for name in stats if name not in recorded)], groups)
+    if recorded and {mapping[name]: n for name, n in recorded.items()} != dict(sizes):
         raise ValueError(
-            f"`reference` was recorded on a different model: it names group(s) {unknown} that the model does not"
-            f" have; the model's groups are {list(groups)}"
+            "`reference` was recorded on a different model: its groups (name: n_params) are"
+            f" {recorded}, the model's are {dict(sizes)}"
         )
-    if not ref:
+    if not stats:
         raise ValueError("`reference` holds no statistics (was the artifact written with `reference_batches=0`?)")
-    return ref
+    return {mapping[name]: value for name, value in stats.items()}, prefix
 
 
 def _reference_drift(

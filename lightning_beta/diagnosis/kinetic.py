@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 
 from lightning_beta._checks import check_int
 from lightning_beta._optim import unwrap_optimizer
-from lightning_beta.diagnosis._batches import iter_batches, model_device
+from lightning_beta.diagnosis._batches import iter_batches, model_device, run_model
 from lightning_beta.diagnosis._outputs import LossFn, mean_loss
 from lightning_beta.diagnosis.scores import LayerScores
 from lightning_beta.layer_groups import GroupBy, group_parameters, group_sizes
@@ -108,7 +108,7 @@ def kinetic_energy_scores(
     return LayerScores(scores=scores, method="kinetic", n_params=sizes)
 
 
-def _cycle(dataloader: Iterable[Any], device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+def _cycle(dataloader: Iterable[Any], device: torch.device) -> Iterator[tuple[Any, Tensor]]:
     # Re-iterates the dataloader when it runs out, moving each batch to the device only when it is drawn: the
     # probe holds one batch at a time, not the whole dataloader.
     while True:
@@ -163,6 +163,6 @@ def kinetic_energy_probe(
     for _ in range(steps):
         x, y = next(batches)
         optimizer.zero_grad(set_to_none=True)
-        mean_loss(probe(x), y, loss_fn).backward()
+        mean_loss(run_model(probe, x), y, loss_fn).backward()
         optimizer.step()
     return kinetic_energy_scores(optimizer, probe, group_by)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_beta.diagnosis._batches import iter_batches, model_device
+from lightning_beta.diagnosis._batches import iter_batches, model_device, run_model
 from lightning_beta.diagnosis._outputs import LossFn, Predict, element_losses, element_predictions, valid_elements
 from lightning_beta.diagnosis.drift import activation_drift, reference_statistics
 from lightning_beta.diagnosis.scores import LayerScores
@@ -94,7 +94,7 @@ def error_gradients(
         for p in params:
             p.requires_grad_(True)
         for x, y in iter_batches(dataloader, device):
-            output = model(x)
+            output = run_model(model, x)
             losses = element_losses(output, y, loss_fn)
             with torch.no_grad():
                 valid = valid_elements(y)

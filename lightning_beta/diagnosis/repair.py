@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from lightning_beta._checks import check_number
-from lightning_beta.diagnosis._batches import check_group_names, iter_batches, model_device
+from lightning_beta.diagnosis._batches import check_group_names, iter_batches, model_device, run_model
 from lightning_beta.diagnosis._outputs import LossFn, Predict, element_losses, element_predictions, valid_elements
 from lightning_beta.diagnosis.treat import SurgeryResult, _budget_steps, retrain
 from lightning_beta.layer_groups import GroupBy, group_parameters, group_sizes
@@ -71,7 +71,7 @@ def holdout_scores(
     try:
         with torch.no_grad():
             for x, y in iter_batches(dataloader, model_device(net)):
-                output = net(x)
+                output = run_model(net, x)
                 valid = valid_elements(y)
                 loss += float((element_losses(output, y, loss_fn) * valid).sum())
                 right += int(((element_predictions(output, y, predict) == y) & valid).sum())

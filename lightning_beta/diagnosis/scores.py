@@ -20,7 +20,8 @@ class LayerScores:
         n_samples: elements the scores were computed on, one per target entry: samples for ``(N, C)`` logits,
             pixels or tokens for dense outputs (0 where not applicable).
         n_misclassified: misclassified elements among them, for the gradient score; ``None`` otherwise.
-        message: why the scores are degenerate (e.g. no misclassified sample), ``None`` when they are not.
+        message: why the scores are degenerate (e.g. no misclassified sample), or what the reader should know of
+            how they were obtained (a reference matched after stripping a wrapper's prefix); ``None`` when nothing.
 
     Example:
         >>> s = LayerScores({"conv": 0.5, "fc": 2.0}, method="gradient", n_params={"conv": 10, "fc": 4})

@@ -31,7 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_beta._checks import check_int, check_number
 from lightning_beta.artifact import ReferenceStats
-from lightning_beta.diagnosis._batches import check_group_names, iter_batches, model_device
+from lightning_beta.diagnosis._batches import check_group_names, iter_batches, model_device, run_model
 from lightning_beta.diagnosis._outputs import LossFn, element_predictions, mean_loss, valid_elements
 from lightning_beta.diagnosis.drift import activation_drift, reference_statistics
 from lightning_beta.functional.grad_norms import tensor_norms
@@ -199,7 +199,7 @@ def fine_tune(
         if step == steps:
             break
         optimizer.zero_grad(set_to_none=True)
-        mean_loss(net(x), y, loss_fn).backward()
+        mean_loss(run_model(net, x), y, loss_fn).backward()
         if auto_rgn:
             with torch.no_grad():
                 g = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in named]
@@ -263,7 +263,7 @@ def accuracy(model: nn.Module, dataloader: Iterable[Any]) -> float:
     with torch.no_grad():
         for x, y in iter_batches(dataloader, model_device(model)):
             valid = valid_elements(y)
-            right += int(((element_predictions(model(x), y) == y) & valid).sum())
+            right += int(((element_predictions(run_model(model, x), y) == y) & valid).sum())
             total += int(valid.sum())
     model.train(was_training)
     return right / max(total, 1)
@@ -416,7 +416,7 @@ def _mean_gradients(model: nn.Module, dataloader: Iterable[Any], loss_fn: LossFn
             p.requires_grad_(True)
         for x, y in iter_batches(dataloader, model_device(model)):
             model.zero_grad(set_to_none=True)
-            mean_loss(model(x), y, loss_fn).backward()
+            mean_loss(run_model(model, x), y, loss_fn).backward()
             for n, p in params.items():
                 if p.grad is not None:
                     sums[n] += p.grad
@@ -437,7 +437,7 @@ def _train_mode(net: nn.Module) -> None:
             m.eval()
 
 
-def _cycle(dataloader: Iterable[Any], device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+def _cycle(dataloader: Iterable[Any], device: torch.device) -> Iterator[tuple[Any, Tensor]]:
     while True:
         yield from iter_batches(dataloader, device)
 

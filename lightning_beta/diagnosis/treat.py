@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_beta._checks import check_choice, check_int, check_number
 from lightning_beta.callbacks.beta_momentum import BetaMomentumCallback
-from lightning_beta.diagnosis._batches import check_group_names, split_batch
+from lightning_beta.diagnosis._batches import check_group_names, run_model, split_batch
 from lightning_beta.diagnosis._outputs import LossFn, Predict, element_predictions, mean_loss, valid_elements
 from lightning_beta.diagnosis.localize import error_gradients
 from lightning_beta.layer_groups import GroupBy, group_parameters, group_sizes
@@ -174,8 +174,9 @@ class SurgeryModule(pl.LightningModule):
         self.masks = masks
         self.handles: list[Any] = []
 
-    def forward(self, x: Tensor) -> Any:
-        return self.net(x)
+    def forward(self, inputs: Any) -> Any:
+        # A Hugging Face batch's inputs are a dict, passed as keyword arguments (diagnosis/_batches.py).
+        return run_model(self.net, inputs)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = split_batch(batch)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_beta._text import markdown_table
-from lightning_beta.diagnosis._batches import iter_batches, model_device
+from lightning_beta.diagnosis._batches import iter_batches, model_device, run_model, to_device
 from lightning_beta.diagnosis._outputs import Predict, element_predictions, valid_elements
 
 #: The markdown line of a verification whose treated model is worse than its input.
@@ -116,9 +116,9 @@ def _predict_both(
         with torch.no_grad():
             for x, y in iter_batches(dataloader, device):
                 valid = valid_elements(y)
-                preds_b.append(element_predictions(before(x), y, predict)[valid])
+                preds_b.append(element_predictions(run_model(before, x), y, predict)[valid])
                 y_after = y.to(model_device(after))
-                pred_a = element_predictions(after(x.to(y_after.device)), y_after, predict)
+                pred_a = element_predictions(run_model(after, to_device(x, y_after.device)), y_after, predict)
                 preds_a.append(pred_a.to(device)[valid])
                 targets.append(y[valid])
     finally:
