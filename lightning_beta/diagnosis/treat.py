@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -41,6 +44,45 @@ SEARCH_LRS = (0.01, 0.05, 0.2)
 
 #: Names a user may mean for the retraining epochs, which are ``max_epochs``.
 _EPOCH_ALIASES = ("epochs", "num_epochs", "n_epochs", "max_epoch")
+
+#: Lightning's warnings that the internal fits raise by design, silenced around them (regexes from the start).
+FIT_NOISE = (
+    r"You defined a `validation_step` but have no `val_dataloader`",  # the search's candidate fits validate later
+    r"Found \d+ module\(s\) in eval mode at the start of training",  # frozen BatchNorm held in eval mode on purpose
+    r"GPU available but not used",
+    r"The '\w+' does not have many workers",
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # torch's FutureWarning from inside Lightning's own code
+)
+#: The loggers of Lightning's info lines (``GPU available: ...``, the litlogger tip, ``Trainer.fit` stopped``).
+_LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+_SUMMARY_LOGGER = "lightning.pytorch.callbacks.model_summary"
+
+
+@contextmanager
+def quiet_fit(trainer_kwargs: Mapping[str, Any]) -> Iterator[None]:
+    """Silence Lightning's console noise around one internal fit: the warnings of :data:`FIT_NOISE` and info lines.
+
+    Inside, the ``lightning.pytorch`` and ``lightning.fabric`` loggers are at ``WARNING`` at least (their levels are
+    restored afterwards, also after an error), and :data:`FIT_NOISE` is ignored by ``warnings.catch_warnings``;
+    every other warning, ours included, is shown as usual. A model summary the caller asks for
+    (``enable_model_summary=True``) is still logged.
+    """
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
+    summary = logging.getLogger(_SUMMARY_LOGGER)
+    levels = [(logger, logger.level) for logger in [*loggers, summary]]
+    try:
+        for logger in loggers:
+            logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+        if trainer_kwargs.get("enable_model_summary"):
+            summary.setLevel(logging.INFO)
+        with warnings.catch_warnings():
+            for pattern in FIT_NOISE:
+                warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        for logger, level in levels:
+            logger.setLevel(level)
 
 
 def check_trainer_kwargs(owner: str, kwargs: Mapping[str, Any]) -> None:
@@ -275,7 +317,9 @@ def retrain(
     """One fresh ``Trainer.fit`` of ``net`` in place, updating only the parameters named in ``trainable``.
 
     Every other parameter is frozen, and BatchNorm modules without a trainable parameter are held in eval mode.
-    The ``requires_grad`` flags are left as the fit set them (the caller restores them).
+    The ``requires_grad`` flags are left as the fit set them (the caller restores them). The fit is quiet unless
+    ``trainer_kwargs`` say otherwise: no logger, checkpointing, progress bar or model summary, and Lightning's info
+    lines and by-design warnings silenced around it (:func:`quiet_fit`).
 
     Returns:
         The Trainer (``global_step``, ``current_epoch``, ``callback_metrics``) and the wall time of the fit.
@@ -304,10 +348,13 @@ def retrain(
         all_callbacks.append(BetaMomentumCallback(log_momentum=False))
     if max_steps is not None:
         kwargs["max_steps"] = max_steps
-    trainer = pl.Trainer(max_epochs=max_epochs, callbacks=all_callbacks, **kwargs)
-    begin = time.perf_counter()
+    begin = 0.0
     try:
-        trainer.fit(module, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders)
+        # Quiet by default: the user called a diagnosis function, not a fit (device lines, tips, "no val_dataloader").
+        with quiet_fit(kwargs):
+            trainer = pl.Trainer(max_epochs=max_epochs, callbacks=all_callbacks, **kwargs)
+            begin = time.perf_counter()
+            trainer.fit(module, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders)
     finally:
         for handle in handles + module.handles:
             handle.remove()
