@@ -1,10 +1,10 @@
 """The layer-attribution artifact: its dataclass, the atomic JSON writer and the validating reader.
 
 ``LayerAttributionCallback`` writes ``attribution.json`` at fit end; :func:`load_attribution` reads it back without a
-Trainer, for the diagnosis functions and for plots (:mod:`lightning_beta.figures`). Schema version 2 (one JSON
+Trainer, for the diagnosis functions and for plots (:mod:`lightning_beta.figures`). Schema version 3 (one JSON
 object)::
 
-    schema_version  2
+    schema_version  3
     kind            "lightning_beta.layer_attribution"
     complete        false when written from an exception, before training ended
     norm_type, group_by, global_step, reference_batches
@@ -15,13 +15,16 @@ object)::
     totals          {group: {"mean", "rms", "max", "count", "nonfinite"}}; "total": the same for the whole model
     reference       {group: {"mean": [per feature], "var": [per feature], "count", "feature_dim"}} (feature_dim 1
                     when absent); "reference_skipped": [groups]
+    probe_path      the file name of the probe record (:mod:`lightning_beta.probe`) in the artifact's directory,
+                    ``null`` when there is none; new in version 3
 
 Norms of steps or epochs with no finite value are ``null``; the JSON never holds NaN or Infinity. Version 1 files
-(no ``intervals``) are still read.
+(no ``intervals``) and version 2 files (no ``probe_path``) are still read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -35,9 +38,9 @@ from torch import Tensor
 
 from lightning_beta._text import markdown_table
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Schema versions :func:`load_attribution` reads.
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 KIND = "lightning_beta.layer_attribution"
 _REQUIRED = ("schema_version", "kind", "complete", "groups", "history", "totals", "total")
 
@@ -72,7 +75,9 @@ class ReferenceStats:
 class AttributionArtifact:
     """What ``LayerAttributionCallback`` saved: per-group gradient norms, their history and reference statistics.
 
-    Build it with :func:`load_attribution`; :meth:`to_dict` gives the JSON object back.
+    Build it with :func:`load_attribution`; :meth:`to_dict` gives the JSON object back. ``probe_path`` is the
+    probe record's file name beside the artifact (``None`` without one); ``path`` is the file the artifact was read
+    from or written to (not part of the JSON), against which :meth:`load_probe` resolves ``probe_path``.
     """
 
     groups: dict[str, int]
@@ -91,7 +96,9 @@ class AttributionArtifact:
     reference_skipped: list[str] = field(default_factory=list)
     interval_steps: list[int] = field(default_factory=list)
     interval_history: list[list[float | None]] = field(default_factory=list)
+    probe_path: str | None = None
     schema_version: int = SCHEMA_VERSION
+    path: Path | None = field(default=None, compare=False, repr=False)
 
     def size_normalised(self) -> dict[str, float | None]:
         """Mean norm over ``sqrt(n_params)`` per group: an RMS-like score that does not favour big groups."""
@@ -113,6 +120,12 @@ class AttributionArtifact:
             for rank, (name, score) in enumerate(self.ranking(), start=1)
         ]
         return markdown_table(["rank", "group", "n_params", "mean norm", "mean / sqrt(n)"], rows, align="rlrrr")
+
+    def load_probe(self) -> Any:
+        """The probe record beside the artifact (:func:`lightning_beta.probe.load_probe`, which raises without one)."""
+        from lightning_beta.probe import load_probe
+
+        return load_probe(self)
 
     def history_tensor(self) -> Tensor:
         """The history as a float64 ``(epochs, groups)`` tensor, NaN where an epoch had no finite norm."""
@@ -138,6 +151,7 @@ class AttributionArtifact:
             "total": vars(self.total),
             "reference": {name: vars(r) for name, r in self.reference.items()},
             "reference_skipped": self.reference_skipped,
+            "probe_path": self.probe_path,
         }
 
 
@@ -207,7 +221,7 @@ def load_attribution(path: str | os.PathLike) -> AttributionArtifact:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{os.fspath(path)!r} is not an attribution artifact: not valid JSON ({err})") from err
-    return artifact_from_dict(data, source=os.fspath(path))
+    return dataclasses.replace(artifact_from_dict(data, source=os.fspath(path)), path=Path(path))
 
 
 def artifact_from_dict(data: Any, source: str = "<dict>") -> AttributionArtifact:
@@ -223,8 +237,13 @@ def artifact_from_dict(data: Any, source: str = "<dict>") -> AttributionArtifact
     if data["schema_version"] not in READABLE_VERSIONS:
         raise ValueError(
             f"{source!r} has schema_version {data['schema_version']!r}; this release reads"
-            f" {' and '.join(str(v) for v in READABLE_VERSIONS)}"
+            f" {', '.join(str(v) for v in READABLE_VERSIONS[:-1])} and {READABLE_VERSIONS[-1]}"
         )
+    probe_path = data.get("probe_path")  # absent before version 3
+    if probe_path is not None and (
+        not isinstance(probe_path, str) or not probe_path or os.path.basename(probe_path) != probe_path
+    ):
+        raise ValueError(f"{where}: `probe_path` must be null or a file name beside the artifact, got {probe_path!r}")
     try:
         groups = {str(g["name"]): int(g["n_params"]) for g in data["groups"]}
         parameters = {str(g["name"]): [str(p) for p in g.get("parameters", [])] for g in data["groups"]}
@@ -274,6 +293,7 @@ def artifact_from_dict(data: Any, source: str = "<dict>") -> AttributionArtifact
         reference_skipped=[str(n) for n in data.get("reference_skipped", [])],
         interval_steps=interval_steps,
         interval_history=interval_rows,
+        probe_path=probe_path,
     )
 
 

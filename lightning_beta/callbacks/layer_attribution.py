@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation
 from torch import Tensor, nn
 
-from lightning_beta._checks import check_int, check_state_version
+from lightning_beta._checks import check_bool, check_int, check_state_version
 from lightning_beta._gradients import grad_scaler, is_distributed_tensor, local_tensor, pending_scale
 from lightning_beta._logging import is_logging_step, log_epoch, log_step
 from lightning_beta._optim import unwrap_optimizer
@@ -25,9 +26,11 @@ from lightning_beta._strategies import is_sharded, shards_flat
 from lightning_beta._tensorboard import write_layout
 from lightning_beta.artifact import AttributionArtifact, GroupTotals, ReferenceStats, save_attribution
 from lightning_beta.callbacks._attribution_outputs import artifact_directory, log_panels, publish_artifact
+from lightning_beta.callbacks._attribution_probe import attach_probe, record_fit_probe
 from lightning_beta.functional.grad_norms import ABSENT, add_group_powers_, check_norm_type
 from lightning_beta.functional.norm_accumulator import GroupNormAccumulator
 from lightning_beta.layer_groups import GroupBy, check_group_by, group_modules, group_parameters, group_sizes
+from lightning_beta.probe import ProbeRecord, probe_file_name
 from lightning_beta.reference import record_reference
 
 _STATE_VERSION = 1
@@ -99,6 +102,9 @@ class LayerAttributionCallback(pl.Callback):
       and BatchNorm outputs). ``training_step`` is not run: the model is left exactly as training left it. A
       LightningModule without a ``forward`` needs ``reference_forward``; groups that cannot be read are named in
       the artifact's ``reference_skipped`` and, with the reason, in one warning.
+    - Probe: each group's sketched output on the first ``probe_samples`` training samples, read and run as for the
+      reference statistics (:mod:`lightning_beta.callbacks._attribution_probe`), saved beside the artifact and
+      named by its ``probe_path``, which ``diagnose(..., reference=artifact)`` follows. A failure is one warning.
     - Panels: the heatmap of :func:`~lightning_beta.figures.attribution_heatmap` (needs matplotlib) and the ranking
       table, through TensorBoard (``attribution/heatmap``, ``attribution/ranking``), MLflow or W&B; a custom-scalars
       category "Layer attribution" charting ``grad_norm/.*`` on TensorBoard.
@@ -123,11 +129,15 @@ class LayerAttributionCallback(pl.Callback):
         dirpath: directory of the artifact; ``None`` uses the run directory of the first logger (else
             ``default_root_dir``). Defaults to ``None``.
         filename: file name of the artifact. Defaults to ``"attribution.json"``.
+        probe_samples: training samples of the probe; 0 records none. Defaults to ``256``.
+        probe_sketch_dim: numbers per sample in each group's sketched output. Defaults to ``64``.
+        probe_replay: also keep each group's inputs for the replay rule of ``probe_localize`` (large for
+            transformers: every group's full input on the probe set). Defaults to ``False``.
 
     Raises:
         ValueError: for a bad ``group_by`` (see :func:`~lightning_beta.layer_groups.check_group_by`), a
-            ``norm_type`` that is not positive, ``log_every_n_steps < 1``, ``reference_batches < 0``, or an empty
-            ``filename`` or one with a directory part.
+            ``norm_type`` that is not positive, ``log_every_n_steps < 1``, ``reference_batches < 0``,
+            ``probe_samples < 0``, ``probe_sketch_dim < 1``, or an empty ``filename`` or one with a directory part.
         TypeError: for arguments of the wrong type.
 
     Example:
@@ -148,6 +158,9 @@ class LayerAttributionCallback(pl.Callback):
         feature_dim: int | dict[str, int] | None = None,
         dirpath: str | os.PathLike | None = None,
         filename: str = "attribution.json",
+        probe_samples: int = 256,
+        probe_sketch_dim: int = 64,
+        probe_replay: bool = False,
     ) -> None:
         # A depth given as digits on the command line (LightningCLI) becomes the int it means.
         group_by = check_group_by(group_by)
@@ -167,6 +180,9 @@ class LayerAttributionCallback(pl.Callback):
             raise TypeError(f"`filename` must be a str, got {type(filename).__name__}")
         if not filename or os.path.basename(filename) != filename:
             raise ValueError(f"`filename` must be a non-empty file name without a directory, got {filename!r}")
+        check_int("probe_samples", probe_samples, minimum=0)
+        check_int("probe_sketch_dim", probe_sketch_dim, minimum=1)
+        check_bool("probe_replay", probe_replay)
         self.group_by = group_by
         self.norm_type = float(norm_type)
         self.reference_batches = reference_batches
@@ -174,6 +190,7 @@ class LayerAttributionCallback(pl.Callback):
         self.feature_dim = feature_dim
         self.dirpath = dirpath
         self.filename = filename
+        self.probe_samples, self.probe_sketch_dim, self.probe_replay = probe_samples, probe_sketch_dim, probe_replay
         self._reset()
 
     def _reset(self) -> None:
@@ -185,6 +202,8 @@ class LayerAttributionCallback(pl.Callback):
         self.interval_steps: list[int] = []
         self.interval_history: list[list[float | None]] = []
         self.artifact: AttributionArtifact | None = None
+        #: The probe recorded at the end of the fit (rank zero's on rank zero), ``None`` without one.
+        self.probe: ProbeRecord | None = None
         self._acc: GroupNormAccumulator | None = None
         self._intervals: list[tuple[int, Tensor]] = []  # device means of this fit's first-epoch intervals
         self._interval_seen: set[int] = set()  # groups with a gradient since the last log (host-side, no sync)
@@ -327,12 +346,19 @@ class LayerAttributionCallback(pl.Callback):
         )
         skipped = [name for name in self.groups if name not in reference]
         artifact = self._build_artifact(trainer, complete=True, reference=reference, skipped=skipped)
+        fast_dev_run, why = bool(getattr(trainer, "fast_dev_run", False)), None
+        if self.probe_samples and not fast_dev_run:  # every rank, as the reference pass (same batches and forward)
+            args = (self.probe_samples, self.probe_sketch_dim, self.probe_replay, self.reference_forward)
+            self.probe, why = record_fit_probe(trainer, pl_module, self.group_by, *args)
         if not trainer.is_global_zero:
             return
         self.artifact = artifact
-        if getattr(trainer, "fast_dev_run", False):
+        if fast_dev_run:
             rank_zero_info("LayerAttributionCallback: `fast_dev_run` is set, so no artifact is written.")
             return
+        if self.probe_samples:
+            probe_path = self._directory / probe_file_name(self.filename)
+            self.artifact = artifact = attach_probe(artifact, self.probe, why, probe_path)
         if self._write(trainer, artifact) is not None:
             log_panels(trainer, artifact)
 
@@ -353,6 +379,7 @@ class LayerAttributionCallback(pl.Callback):
         self._artifact_path = None
         try:
             self._artifact_path = save_attribution(artifact, path)
+            self.artifact = dataclasses.replace(artifact, path=self._artifact_path)
         except (OSError, ValueError) as err:
             rank_zero_warn(
                 f"LayerAttributionCallback: could not write the attribution artifact to {str(path)!r} ({err}). The"

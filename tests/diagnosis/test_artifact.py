@@ -53,7 +53,8 @@ def test_fit_artifact_round_trips(tmp_path: Any) -> None:
     assert cb.artifact is not None and cb.artifact_path is not None
     loaded = load_attribution(cb.artifact_path)
     assert loaded == cb.artifact
-    assert json.loads(cb.artifact_path.read_text())["schema_version"] == 2
+    assert json.loads(cb.artifact_path.read_text())["schema_version"] == 3
+    assert loaded.probe_path == "attribution.probe.pt" and loaded.path == cb.artifact_path
     assert loaded.parameters["head"] == ["head.weight", "head.bias"]
     assert loaded.history_tensor().shape == (2, 2)
 
@@ -77,6 +78,17 @@ def test_version_1_artifacts_are_still_read() -> None:
     old = artifact_from_dict({**data, "schema_version": 1})
     assert old.interval_steps == [] and old.interval_history == []
     assert old.totals == _artifact().totals and old.history == _artifact().history
+
+
+def test_version_2_artifacts_are_read_without_a_probe(tmp_path: Any) -> None:
+    # Version 2 had no "probe_path": read as an artifact without a probe, which load_probe says.
+    data = _artifact().to_dict()
+    del data["probe_path"]
+    path = _write(tmp_path, {**data, "schema_version": 2})
+    old = load_attribution(path)
+    assert old.probe_path is None and old.path == path and old.totals == _artifact().totals
+    with pytest.raises(ValueError, match=r"`artifact` has no probe: it was written with `probe_samples=0`"):
+        old.load_probe()
 
 
 def test_heatmap_rows_and_figure() -> None:
@@ -113,7 +125,8 @@ def _write(tmp_path: Any, data: Any) -> Any:
         (lambda d: [1, 2], "expected a JSON object, got list"),
         (lambda d: {"metrics": {}}, r"missing key\(s\) \['schema_version', 'kind'"),
         (lambda d: {**d, "kind": "checkpoint"}, "`kind` is 'checkpoint'"),
-        (lambda d: {**d, "schema_version": 99}, "has schema_version 99; this release reads 1 and 2"),
+        (lambda d: {**d, "schema_version": 99}, "has schema_version 99; this release reads 1, 2 and 3"),
+        (lambda d: {**d, "probe_path": "../probe.pt"}, "`probe_path` must be null or a file name beside the artifact"),
         (lambda d: {**d, "intervals": {"steps": [1], "mean": []}}, "`intervals` must have one row of 2 values"),
         (lambda d: {**d, "groups": [{"name": "body"}]}, "malformed field"),
         (lambda d: {**d, "history": {**d["history"], "mean": [[1.0], [2.0, 3.0]]}}, "one row of 2 values per epoch"),

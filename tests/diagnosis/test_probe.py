@@ -177,7 +177,7 @@ def test_save_load_round_trip(tmp_path) -> None:
     assert probe_localize(bad, loaded).scores == probe_localize(bad, record).scores
 
     torch.save({"version": 99, "sketches": {}}, tmp_path / "old.pt")
-    with pytest.raises(ValueError, match=r"holds a probe record of version 99; this release reads version 1"):
+    with pytest.raises(ValueError, match=r"holds a probe record of version 99; this release reads versions 1 and 2"):
         ProbeRecord.load(tmp_path / "old.pt")
     torch.save([1, 2], tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"holds no probe record"):
@@ -198,7 +198,7 @@ def test_bad_inputs() -> None:
     x, _ = _data()
     with pytest.raises(TypeError, match=r"`model` must be a torch.nn.Module, got str"):
         record_probe("net", x)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"`inputs` must be a tensor or an iterable of batches, got int"):
+    with pytest.raises(TypeError, match=r"`inputs` must be a tensor, a dict of tensors or an iterable of batches, got int"):
         record_probe(net, 3)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"`inputs` as an iterable must yield tensors"):
         record_probe(net, [["a"]])
@@ -222,7 +222,7 @@ def test_bad_inputs() -> None:
     wider = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
     with pytest.raises(ValueError, match=r"`model` does not fit the record: group '2' outputs shape \(32, 8\)"):
         probe_localize(wider, record, replay=False)
-    with pytest.raises(ValueError, match=r"`model` has no group module \['2', '4'\] of the record"):
+    with pytest.raises(ValueError, match=r"`model` has no group module \['2', '4'\] of the record; its groups are"):
         probe_localize(nn.Sequential(nn.Linear(4, 3)), record)
 
 
