@@ -4,8 +4,8 @@
   its checkpoints: ``logger.log_dir`` where the logger has one (TensorBoard, CSV), else
   ``save_dir/name/version`` (MLflow: ``mlruns/<experiment id>/<run id>``; W&B: ``<save_dir>/<project>/<run id>``),
   ``default_root_dir`` without a logger. So two runs never write the same file.
-- Loggers with an artifact store also get the file there: MLflow (``MlflowClient.log_artifact`` into the run) and
-  W&B (``run.save``).
+- Loggers with an artifact store also get the file there, and the probe file it names: MLflow
+  (``MlflowClient.log_artifact`` into the run) and W&B (``run.save``).
 - The heatmap figure and the ranking table go through each logger's own API: TensorBoard (``add_figure``,
   ``add_text``), MLflow (``log_figure``, ``log_text``), W&B (``log_image``).
 """
@@ -57,8 +57,13 @@ def artifact_directory(trainer: Any) -> Path:
     return Path(trainer.strategy.broadcast(str(path)))
 
 
-def publish_artifact(trainer: Any, path: Path) -> None:
-    """Hand the written artifact file to the loggers that keep artifacts with their runs (MLflow, W&B)."""
+def publish_artifact(trainer: Any, path: Path, probe_path: str | None = None) -> None:
+    """Hand the artifact file, and the probe file it names, to the loggers that keep artifacts (MLflow, W&B)."""
+    for file in [path] + ([path.parent / probe_path] if probe_path else []):
+        _publish(trainer, file)
+
+
+def _publish(trainer: Any, path: Path) -> None:
     for logger in trainer.loggers:
         try:
             if _is(logger, "MLFlowLogger"):

@@ -387,7 +387,7 @@ class LayerAttributionCallback(pl.Callback):
                 " `lightning_beta.artifact.save_attribution`) and the accumulators are in the checkpoint."
             )
         if self._artifact_path is not None:
-            publish_artifact(trainer, self._artifact_path)
+            publish_artifact(trainer, self._artifact_path, artifact.probe_path)
         return self._artifact_path
 
     def _build_artifact(

@@ -26,6 +26,7 @@ from lightning_beta.diagnosis.shift import (
 )
 from lightning_beta.diagnosis.treat import SurgeryResult, surgical_correction
 from lightning_beta.diagnosis.verify import ClassChange, Verification, verify
+from lightning_beta.probe import load_probe
 
 __all__ = [
     "AttributionArtifact",
@@ -52,6 +53,7 @@ __all__ = [
     "kinetic_energy_probe",
     "kinetic_energy_scores",
     "load_attribution",
+    "load_probe",
     "optimizer_overlap",
     "probe_localize",
     "recommend_groups",

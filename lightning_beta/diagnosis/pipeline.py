@@ -18,6 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_beta._checks import check_choice
 from lightning_beta._text import json_safe, markdown_table
+from lightning_beta.artifact import AttributionArtifact
 from lightning_beta.diagnosis._outputs import LossFn, Predict
 from lightning_beta.diagnosis.drift import Reference, activation_drift
 from lightning_beta.diagnosis.flag import flag_layers
@@ -28,6 +29,7 @@ from lightning_beta.diagnosis.scores import LayerScores
 from lightning_beta.diagnosis.treat import Policy, SurgeryResult, check_trainer_kwargs, surgical_correction
 from lightning_beta.diagnosis.verify import Verification, verify
 from lightning_beta.layer_groups import GroupBy, group_parameters
+from lightning_beta.probe import load_probe
 
 Localizer = Literal["auto", "gradient", "drift", "kinetic", "probe"]
 LOCALIZERS = ("auto", "gradient", "drift", "kinetic", "probe")
@@ -225,10 +227,14 @@ def _localize(
     predict: Predict | None,
     probe: ProbeRecord | None = None,
 ) -> LayerScores:
+    if probe is None and localizer in ("auto", "probe") and isinstance(reference, AttributionArtifact):
+        if reference.probe_path is not None:  # LayerAttributionCallback recorded one beside the artifact
+            probe = load_probe(reference)
     if localizer == "probe" or (localizer == "auto" and probe is not None):
         if probe is None:
             raise ValueError(
-                '`localizer="probe"` needs `probe=`: a ProbeRecord from `record_probe(healthy_model, inputs)`'
+                '`localizer="probe"` needs `probe=` (a ProbeRecord from `record_probe(healthy_model, inputs)`) or'
+                " `reference=` an artifact with a probe (LayerAttributionCallback(probe_samples > 0))"
             )
         return probe_localize(model, probe)
     if localizer == "auto":
@@ -276,12 +282,17 @@ def diagnose(
         history: a damping-regime history (``DampingRegimeMonitor.history`` or any list of dicts/dataclasses).
             Defaults to ``None``.
         localizer: ``"drift"`` (:func:`activation_drift`), ``"gradient"`` (:func:`attribute_errors`),
-            ``"kinetic"`` (:func:`kinetic_energy_probe`), ``"probe"`` (:func:`probe_localize`, needs ``probe``) or
-            ``"auto"``: the probe when a record is given, else drift when a reference is given or the model has
-            BatchNorm, else gradient. Defaults to ``"auto"``.
-        reference: reference statistics for the drift localizer. Defaults to ``None``.
+            ``"kinetic"`` (:func:`kinetic_energy_probe`), ``"probe"`` (:func:`probe_localize`, needs ``probe`` or
+            an artifact with a probe) or ``"auto"``: the probe when a record is given or the ``reference`` artifact
+            has one, else drift when a reference is given or the model has BatchNorm, else gradient. Defaults to
+            ``"auto"``.
+        reference: reference statistics for the drift localizer: an :class:`AttributionArtifact` (whose probe,
+            when ``LayerAttributionCallback`` recorded one, the probe localizer uses; see
+            :func:`lightning_beta.probe.load_probe`) or a dict of statistics. Defaults to ``None``.
         probe: a :class:`ProbeRecord` of the healthy model (:func:`record_probe`), for the probe localizer, which
-            finds faults that keep per-channel statistics. Defaults to ``None``.
+            finds faults that keep per-channel statistics; it wins over the artifact's. Its group names may carry
+            the prefix of a LightningModule's attribute (``model.``) when ``model`` is that attribute: they are
+            matched by stripping it. Defaults to ``None``.
         localize_dataloader: data to localize on. Defaults to ``train_dataloaders``.
         group_by: layer groups. Defaults to ``"auto"``.
         ratio: flagging rule of :func:`flag_layers`. Defaults to ``2.0``.
@@ -311,8 +322,9 @@ def diagnose(
         on ``val_dataloader`` (``report.worse``; the report says so).
 
     Raises:
-        ValueError: for an unknown ``localizer``, ``localizer="probe"`` without ``probe``, and the errors of the steps
-            it runs.
+        ValueError: for an unknown ``localizer``, ``localizer="probe"`` without ``probe`` nor an artifact with one,
+            and the errors of the steps it runs.
+        FileNotFoundError: if the artifact names a probe file that is not beside it.
         TypeError: for a keyword argument that neither ``diagnose`` nor ``Trainer`` takes (``epochs`` is named
             ``max_epochs``).
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import logging
 import math
 from collections.abc import Mapping
@@ -487,7 +488,7 @@ class _Client:
         self.calls: list[tuple[Any, ...]] = []
 
     def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
-        self.calls.append(("log_artifact", run_id, Path(local_path).read_text()))
+        self.calls.append(("log_artifact", run_id, Path(local_path).read_bytes()))
 
     def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
         self.calls.append(("log_figure", run_id, artifact_file, figure))
@@ -554,7 +555,9 @@ def test_mlflow_artifact_in_its_own_run(tmp_path: Any) -> None:
         runs[run_id] = logger.client.calls
     for run_id, calls in runs.items():
         stored = [c for c in calls if c[0] == "log_artifact"]
-        assert len(stored) == 1 and stored[0][1] == run_id and '"lightning_beta.layer_attribution"' in stored[0][2]
+        # the artifact, then the probe file it names
+        assert [c[1] for c in stored] == [run_id, run_id] and b'"lightning_beta.layer_attribution"' in stored[0][2]
+        assert torch.load(io.BytesIO(stored[1][2]), weights_only=True)["order"] == ["body", "head"]
         (figure,) = [c for c in calls if c[0] == "log_figure"]
         assert figure[1:3] == (run_id, "attribution_heatmap.png")
         assert [t.get_text() for t in figure[3].axes[0].get_yticklabels()] == ["body", "head"]
@@ -569,7 +572,7 @@ class _Run:
         self.saved: list[tuple[str, str]] = []
 
     def save(self, glob_str: str, base_path: str | None = None, policy: str = "live") -> None:
-        self.saved.append((glob_str, Path(glob_str).read_text()))
+        self.saved.append((glob_str, Path(glob_str).read_bytes()))
 
 
 class _Wandb(WandbLogger):
@@ -613,8 +616,9 @@ def test_wandb_artifact_and_image_in_its_run(tmp_path: Any) -> None:
     cb, logger = LayerAttributionCallback(reference_batches=0), _Wandb(tmp_path / "wandb", "abc123")
     pl.Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[cb])).fit(TinyModel(), make_loader())
     assert cb.artifact_path == tmp_path / "wandb" / "project" / "abc123" / "attribution.json"
-    ((path, text),) = logger.run.saved
-    assert path == str(cb.artifact_path) and '"schema_version": 2' in text
+    (path, text), (probe, _) = logger.run.saved
+    assert path == str(cb.artifact_path) and b'"schema_version": 3' in text
+    assert probe == str(cb.artifact_path.parent / "attribution.probe.pt")
     ((key, (figure,)),) = logger.images
     assert key == "attribution/heatmap" and figure.axes[0].get_xlabel() == "optimizer step"
 
