@@ -11,6 +11,7 @@ from lightning_beta.layer_groups import (
     group_modules,
     group_parameters,
     group_sizes,
+    match_group_names,
     shared_parameters,
 )
 from tests.helpers import TinyModel, make_loader
@@ -290,3 +291,30 @@ def test_a_child_named_other_beside_root_parameters_is_an_ordinary_group():
             self.scale = nn.Parameter(torch.ones(1))
 
     assert group_parameters(Model()) == {"scale": ["scale"], "other": ["other.weight", "other.bias"]}
+
+
+def test_match_group_names_strips_one_unambiguous_prefix():
+    assert match_group_names(["fc", "conv"], ["conv", "fc", "bn"]) == ({"fc": "fc", "conv": "conv"}, "")
+    recorded = ["model.bert.embeddings", "model.bert.encoder.layer.0", "model.classifier"]
+    present = ["bert.embeddings", "bert.encoder.layer.0", "classifier"]
+    assert match_group_names(recorded, present) == (dict(zip(recorded, present)), "model.")
+    # Two components deep: the wrapper of a wrapper.
+    mapping, prefix = match_group_names(["lit.net.head", "lit.net.body"], ["body", "head"])
+    assert prefix == "lit.net." and mapping == {"lit.net.head": "head", "lit.net.body": "body"}
+    # A subset of the groups (the reference skipped some) is enough.
+    assert match_group_names(["model.head"], ["body", "head"])[1] == "model."
+    assert match_group_names([], ["body"]) == ({}, "")
+
+
+def test_match_group_names_refuses_partial_and_ambiguous_matches():
+    with pytest.raises(
+        ValueError,
+        match=r"it names group\(s\) \['neck'\] that the model does not have \(neither as they are nor after stripping"
+        r" one leading prefix common to all of them\); the recorded groups are \['head', 'neck'\], the model's groups"
+        r" are \['body', 'head'\]\. Pass the model the `reference` was recorded on",
+    ):
+        match_group_names(["head", "neck"], ["body", "head"])
+    with pytest.raises(ValueError, match=r"`probe` was recorded on a different model: it names group\(s\) \['model.x'"):
+        match_group_names(["model.x", "model.head"], ["head"], argument="probe")  # 'x' is not a group once stripped
+    with pytest.raises(ValueError, match=r"stripping any of the prefixes \['a.', 'a.b.'\] would match them"):
+        match_group_names(["a.b.c", "a.b.d"], ["b.c", "b.d", "c", "d"])
