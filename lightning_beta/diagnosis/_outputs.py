@@ -10,6 +10,11 @@ The output may be a Tensor of logits, or anything holding them under ``logits`` 
 a dict): those are read as class-last, the Hugging Face layout. For any other output, or a layout these rules do
 not cover, the user passes ``loss_fn(output, targets)`` and ``predict(output)``, each returning one value per
 element (the shape of the targets).
+
+The default loss does not shift: for a causal language model, whose logits at position ``t`` predict token ``t + 1``
+(Hugging Face's ``labels`` are the ``input_ids``, shifted inside the model's own loss), pass a ``loss_fn`` and a
+``predict`` that shift (element ``t`` is token ``t`` scored by the logits at ``t - 1``, and 0 / any class at ``t = 0``,
+whose target should be -100), or give targets that are already shifted.
 """
 
 from __future__ import annotations

@@ -132,7 +132,8 @@ def kinetic_energy_probe(
 
     Args:
         model: a classifier returning logits (or an output holding them under ``logits``).
-        dataloader: yields ``(inputs, targets)`` batches, re-iterated if shorter than ``steps``.
+        dataloader: yields ``(inputs, targets)`` batches, or Hugging Face dicts with ``labels``,
+            re-iterated if shorter than ``steps``.
         steps: optimizer steps, ``>= 1``. Defaults to ``10``.
         lr: learning rate. Defaults to ``0.01``.
         momentum: heavy-ball momentum. Defaults to ``0.9``.

@@ -67,7 +67,7 @@ def error_gradients(
     Args:
         model: a classifier returning logits ``(N, C)``, ``(B, C, d1, ...)`` or ``(B, T, V)``, or an output holding
             them under ``logits`` (a Hugging Face ``ModelOutput``).
-        dataloader: yields ``(inputs, targets)`` batches.
+        dataloader: yields ``(inputs, targets)`` batches, or Hugging Face dicts with ``labels``.
         loss_fn: ``loss_fn(logits, targets)`` returning one loss per element (the targets' shape). Defaults to
             cross-entropy over the class dimension.
         predict: ``predict(logits)`` returning one predicted class per element. Defaults to the argmax over the
@@ -150,7 +150,8 @@ def attribute_errors(
     Args:
         model: a classifier returning logits, or an output holding them under ``logits`` (a Hugging Face
             ``ModelOutput``).
-        dataloader: yields ``(inputs, targets)`` batches, preferably not shuffled.
+        dataloader: yields ``(inputs, targets)`` batches, or Hugging Face dicts with ``labels``,
+            preferably not shuffled.
         group_by: layer groups, as :func:`~lightning_beta.layer_groups.group_parameters`. Defaults to ``"auto"``.
         loss_fn: ``loss_fn(logits, targets)`` giving one loss per element, for outputs the default cross-entropy
             does not cover. Defaults to cross-entropy over the class dimension.

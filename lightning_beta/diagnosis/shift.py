@@ -157,7 +157,7 @@ def fine_tune(
 
     Args:
         model: a classifier returning logits; not modified.
-        dataloader: ``(inputs, targets)`` batches.
+        dataloader: ``(inputs, targets)`` batches, or Hugging Face dicts with ``labels``.
         groups: the groups to train. Defaults to ``None`` (all).
         steps: optimizer steps, ``>= 1``. Defaults to ``100``.
         lr: the base learning rate, ``> 0``. Defaults to ``1e-3``.
@@ -299,7 +299,7 @@ def recommend_groups(
 
     Args:
         model: the classifier trained on clean data; not modified.
-        shifted_dataloader: ``(inputs, targets)`` batches of the shifted data.
+        shifted_dataloader: the shifted data: ``(inputs, targets)`` batches, or Hugging Face dicts with ``labels``.
         reference: clean batches or reference statistics. Defaults to ``None``.
         holdout_dataloader: shifted batches to score the probes on. Defaults to ``None``.
         max_candidates: groups probed, ``>= 1``. Defaults to ``4``.

@@ -398,7 +398,8 @@ def surgical_correction(
     Args:
         model: a classifier returning logits (a LightningModule or a plain ``nn.Module``); not modified.
         layers: the groups to retrain; all groups is full retraining.
-        train_dataloaders: passed to ``Trainer.fit``; batches are ``(inputs, targets)``.
+        train_dataloaders: passed to ``Trainer.fit``; batches are ``(inputs, targets)``, or Hugging Face dicts
+            with ``labels`` (passed whole, as keyword arguments).
         val_dataloaders: passed to ``Trainer.fit``. Defaults to ``None``.
         max_epochs: epochs of retraining, ``>= 1``. Defaults to ``1``.
         lr: peak learning rate, ``> 0``. Defaults to ``0.05``.

@@ -139,7 +139,7 @@ def verify(
     Args:
         model_before: the model before treatment.
         model_after: the treated model.
-        dataloader: yields ``(inputs, targets)`` batches.
+        dataloader: yields ``(inputs, targets)`` batches, or Hugging Face dicts with ``labels``.
         predict: ``predict(logits)`` giving one predicted class per element (the targets' shape), for outputs the
             default does not cover. Defaults to the argmax over the class dimension of the logits (the output, or
             its ``logits``: a Hugging Face ``ModelOutput``).
