@@ -212,7 +212,8 @@ def load_probe(artifact: Any) -> ProbeRecord:
     path = artifact.path.parent / artifact.probe_path
     if not path.is_file():
         raise FileNotFoundError(
-            f"the probe file {str(path)!r} named by the artifact does not exist: keep it next to the artifact"
+            f"the artifact {str(artifact.path)!r} names the probe file {artifact.probe_path!r}, which is not beside"
+            " it: keep the two files together"
         )
     return ProbeRecord.load(path)
 

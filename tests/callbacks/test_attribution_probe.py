@@ -126,13 +126,13 @@ def test_probe_file_matches_an_independent_recomputation_and_changes_nothing(tmp
     assert "probe" not in json.dumps(sorted(cb.state_dict()))  # the probe is not callback state
 
 
-def _moment_matched_permutation(model: Net, x: Tensor) -> Net:
+def _moment_matched_permutation(model: nn.Module, x: Tensor) -> Any:
     """``block``'s conv output channels permuted; its BatchNorm set so that each channel keeps its mean and variance.
 
     On ``x``, channel ``i`` of the block's output now carries channel ``pi(i)``'s signal, rescaled and
     shifted to the mean and variance channel ``i`` had: per-channel statistics cannot see the fault.
     """
-    bad = copy.deepcopy(model).eval()
+    bad: Any = copy.deepcopy(model).eval()
     conv, bn = bad.block[0], bad.block[1]
     with torch.no_grad():
         h = bad.stem(x)

@@ -29,6 +29,7 @@ from lightning_beta.cli import main
 from lightning_beta.diagnosis import load_attribution, reference_statistics
 from lightning_beta.functional import DampingRegime, SecantCurvature, classify_regime, critical_momentum, damping_ratio
 from lightning_beta.layer_groups import group_parameters
+from lightning_beta.probe import load_probe
 from lightning_beta.reference import record_reference
 from tests.helpers import TinyModel, make_loader, trainer_kwargs
 
@@ -72,6 +73,15 @@ def _load(content: Any) -> Callable[[Path], Any]:
         path = tmp / "a.json"
         path.write_text(content if isinstance(content, str) else json.dumps(content))
         load_attribution(path)
+
+    return run
+
+
+def _load_probe(content: dict[str, Any]) -> Callable[[Path], Any]:
+    def run(tmp: Path) -> None:
+        path = tmp / "a.json"
+        path.write_text(json.dumps(content))
+        load_probe(path)
 
     return run
 
@@ -187,6 +197,10 @@ CASES: list[Case] = [
     Case(L, "filename=None", TypeError, "`filename` must be a str, got NoneType", lambda t: LayerAttributionCallback(filename=None)),  # type: ignore[arg-type]
     Case(L, 'filename=""', ValueError, "`filename` must be a non-empty file name without a directory, got ''", lambda t: LayerAttributionCallback(filename="")),
     Case(L, 'filename="runs/a.json"', ValueError, "`filename` must be a non-empty file name without a directory, got 'runs/a.json'", lambda t: LayerAttributionCallback(filename="runs/a.json")),
+    Case(L, "probe_samples=-1", ValueError, "`probe_samples` must be >= 0, got -1", lambda t: LayerAttributionCallback(probe_samples=-1)),
+    Case(L, "probe_samples=0.5", TypeError, "`probe_samples` must be an int, got float", lambda t: LayerAttributionCallback(probe_samples=0.5)),  # type: ignore[arg-type]
+    Case(L, "probe_sketch_dim=0", ValueError, "`probe_sketch_dim` must be >= 1, got 0", lambda t: LayerAttributionCallback(probe_sketch_dim=0)),
+    Case(L, 'probe_replay="yes"', TypeError, "`probe_replay` must be a bool, got str", lambda t: LayerAttributionCallback(probe_replay="yes")),  # type: ignore[arg-type]
     Case(L, "fit with a module named total", MisconfigurationException, "LayerAttributionCallback: a layer group is named 'total', which clashes with the `grad_norm/total` key. Pass `group_by` as a dict to name the groups.", _fit([LayerAttributionCallback()], HasTotal)),
     Case(L, "fit under FSDPStrategy", MisconfigurationException, "LayerAttributionCallback does not support the sharded strategy FSDPStrategy: each rank holds only a shard of each gradient, so its norms would be wrong. Use DDP or a single device.", lambda t: check_strategy(FSDPStrategy())),
     Case(L, "load_state_dict of version 0", ValueError, "LayerAttributionCallback state has version 0; this release reads version 1. Resume with the release that wrote the checkpoint, or start the fit without it (`ckpt_path=None`).", lambda t: LayerAttributionCallback().load_state_dict({"version": 0})),
@@ -221,12 +235,16 @@ CASES: list[Case] = [
     Case("load_attribution", "[1, 2]", ValueError, "'<path>' is not an attribution artifact: expected a JSON object, got list", _load([1, 2])),
     Case("load_attribution", "{}", ValueError, "'<path>' is not an attribution artifact: missing key(s) ['schema_version', 'kind', 'complete', 'groups', 'history', 'totals', 'total']", _load({})),
     Case("load_attribution", '"kind": "checkpoint"', ValueError, "'<path>' is not an attribution artifact: `kind` is 'checkpoint', expected 'lightning_beta.layer_attribution'", _load({**_artifact(), "kind": "checkpoint"})),
-    Case("load_attribution", '"schema_version": 0', ValueError, "'<path>' has schema_version 0; this release reads 1 and 2", _load({**_artifact(), "schema_version": 0})),
+    Case("load_attribution", '"schema_version": 0', ValueError, "'<path>' has schema_version 0; this release reads 1, 2 and 3", _load({**_artifact(), "schema_version": 0})),
     Case("load_attribution", "a group without n_params", ValueError, "'<path>' is not an attribution artifact: malformed field (KeyError: 'n_params')", _load({**_artifact(), "groups": [{"name": "body"}]})),
     Case("load_attribution", "a history row of the wrong length", ValueError, "'<path>' is not an attribution artifact: `history` must have one row of 2 values per epoch", _load({**_artifact(), "history": {"epochs": [0], "mean": [[1.0]], "total": [1.0]}})),
     Case("load_attribution", "totals of other groups", ValueError, "'<path>' is not an attribution artifact: `totals` names ['body'] but `groups` names ['body', 'head']", _load({**_artifact(), "totals": {"body": _artifact()["totals"]["body"]}})),
     Case("load_attribution", "reference of an unknown group", ValueError, "'<path>' is not an attribution artifact: `reference` names unknown group(s) ['neck']", _load({**_artifact(), "reference": {"neck": {"mean": [0.0], "var": [1.0], "count": 1}}})),
     Case("save_attribution", "an artifact holding NaN", ValueError, "Out of range float values are not JSON compliant: nan", lambda t: save_attribution(AttributionArtifact({"a": 1}, {}, [0], [[NAN]], [NAN], {"a": GroupTotals(NAN, NAN, NAN, 1, 0)}, GroupTotals(NAN, NAN, NAN, 1, 0)), t / "a.json")),
+    Case("load_attribution", '"probe_path": "../probe.pt"', ValueError, "'<path>' is not an attribution artifact: `probe_path` must be null or a file name beside the artifact, got '../probe.pt'", _load({**_artifact(), "probe_path": "../probe.pt"})),
+    Case("load_probe", "artifact=3", TypeError, "`artifact` must be an AttributionArtifact or its path, got int", lambda t: load_probe(3)),
+    Case("load_probe", "an artifact without a probe", ValueError, "`artifact` has no probe: it was written with `probe_samples=0`, after an exception, by a release before schema 3, or the probe could not be recorded (the fit warned why)", _load_probe({**_artifact(), "probe_path": None})),
+    Case("load_probe", "its probe file missing", FileNotFoundError, "the artifact '<path>' names the probe file 'attribution.probe.pt', which is not beside it: keep the two files together", _load_probe({**_artifact(), "probe_path": "attribution.probe.pt"})),
     # ---- reference statistics
     Case("record_reference", "n_batches=-1", ValueError, "`n_batches` must be an int >= 0, got -1", lambda t: record_reference(None, TinyModel(), {"head": nn.Linear(2, 2)}, -1)),
     Case("record_reference", 'feature_dim="last"', TypeError, "`feature_dim` must be None, an int or a dict of group names to ints, got 'last'", lambda t: record_reference(None, TinyModel(), {"head": nn.Linear(2, 2)}, 1, feature_dim="last")),  # type: ignore[arg-type]
