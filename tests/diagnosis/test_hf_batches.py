@@ -252,7 +252,7 @@ def test_a_reference_recorded_on_a_wrapper_matches_the_inner_model(tmp_path):
     # The same drift as with a reference renamed by hand.
     renamed = {name.removeprefix("model."): stats for name, stats in artifact.reference.items()}
     assert activation_drift(bad, data, renamed).scores == pytest.approx(scores.scores)
-    report = diagnose(bad, data, data, reference=artifact, top_k=1, **quiet(tmp_path))
+    report = diagnose(bad, data, data, reference=artifact, localizer="drift", top_k=1, **quiet(tmp_path))
     assert report.flagged == ["classifier"] and report.surgery.layers == ["classifier"]
     with pytest.raises(ValueError, match=r"the recorded groups are \['other.a'\], the model's groups are \['bert"):
         activation_drift(bad, data, {"other.a": artifact.reference["model.classifier"]})
