@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,12 +79,22 @@ def record_fit_probe(
 
 def attach_probe(
     artifact: AttributionArtifact, record: ProbeRecord | None, why: str | None, path: Path
-) -> AttributionArtifact:
-    """On rank zero: write the record atomically and name it in the artifact, or warn once why there is no probe."""
+) -> tuple[AttributionArtifact, Path | None]:
+    """On rank zero: stage the record beside ``path`` and name ``path`` in the artifact, or warn once why not.
+
+    The record is written (atomically) under a temporary name, which the caller renames to ``path`` once the
+    artifact naming it is written, or removes if that fails: an artifact and its probe are replaced together, and a
+    failed write leaves the previous pair as it was.
+
+    Returns:
+        The artifact (with ``probe_path`` when staged) and the staged file, ``None`` without a probe.
+    """
     if record is not None:
+        staged = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            return dataclasses.replace(artifact, probe_path=record.save(path).name)
-        except (OSError, RuntimeError) as err:  # a full or read-only disk must not kill the fit
+            record.save(staged)
+            return dataclasses.replace(artifact, probe_path=path.name), staged
+        except (OSError, RuntimeError) as err:  # a full or read-only disk must not kill the fit (save cleans up)
             why = f"could not write {str(path)!r} ({err})"
     rank_zero_warn(f"LayerAttributionCallback: the artifact has no probe: {why}. The fit is not affected.")
-    return artifact
+    return artifact, None

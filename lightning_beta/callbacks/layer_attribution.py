@@ -356,10 +356,12 @@ class LayerAttributionCallback(pl.Callback):
         if fast_dev_run:
             rank_zero_info("LayerAttributionCallback: `fast_dev_run` is set, so no artifact is written.")
             return
+        staged = None  # the probe file, renamed into place once the artifact naming it is written
         if self.probe_samples:
             probe_path = self._directory / probe_file_name(self.filename)
-            self.artifact = artifact = attach_probe(artifact, self.probe, why, probe_path)
-        if self._write(trainer, artifact) is not None:
+            self.artifact, staged = attach_probe(artifact, self.probe, why, probe_path)
+            artifact = self.artifact
+        if self._write(trainer, artifact, staged) is not None:
             log_panels(trainer, artifact)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -372,7 +374,7 @@ class LayerAttributionCallback(pl.Callback):
         )
         self._write(trainer, self.artifact)
 
-    def _write(self, trainer: pl.Trainer, artifact: AttributionArtifact) -> Path | None:
+    def _write(self, trainer: pl.Trainer, artifact: AttributionArtifact, staged: Path | None = None) -> Path | None:
         # Runs at the end of a long fit, or while an exception unwinds: a full or read-only disk must not kill the
         # fit nor mask the original exception. The data stays in ``self.artifact`` and in the checkpoint.
         path = self._directory / self.filename
@@ -380,12 +382,17 @@ class LayerAttributionCallback(pl.Callback):
         try:
             self._artifact_path = save_attribution(artifact, path)
             self.artifact = dataclasses.replace(artifact, path=self._artifact_path)
+            if staged is not None and artifact.probe_path is not None:
+                os.replace(staged, path.parent / artifact.probe_path)
         except (OSError, ValueError) as err:
             rank_zero_warn(
                 f"LayerAttributionCallback: could not write the attribution artifact to {str(path)!r} ({err}). The"
                 " fit is not affected: the artifact is kept in memory as `callback.artifact` (write it with"
                 " `lightning_beta.artifact.save_attribution`) and the accumulators are in the checkpoint."
             )
+        finally:
+            if staged is not None:
+                staged.unlink(missing_ok=True)
         if self._artifact_path is not None:
             publish_artifact(trainer, self._artifact_path, artifact.probe_path)
         return self._artifact_path
