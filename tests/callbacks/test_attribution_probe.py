@@ -323,3 +323,15 @@ def test_ddp_rank_zero_saves_its_own_probe(tmp_path: Path) -> None:
         head = model.head(body)
     torch.testing.assert_close(record.sketches["body"], body @ _projection(0, "body", 16, 64), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(record.sketches["head"], head @ _projection(0, "head", 2, 64), rtol=1e-5, atol=1e-5)
+
+
+def test_the_callback_imports_no_diagnosis() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lightning_beta.callbacks.layer_attribution, lightning_beta.probe;"
+        " print([m for m in sys.modules if m.startswith('lightning_beta.diagnosis')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

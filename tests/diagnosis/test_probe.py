@@ -198,7 +198,9 @@ def test_bad_inputs() -> None:
     x, _ = _data()
     with pytest.raises(TypeError, match=r"`model` must be a torch.nn.Module, got str"):
         record_probe("net", x)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"`inputs` must be a tensor, a dict of tensors or an iterable of batches, got int"):
+    with pytest.raises(
+        TypeError, match=r"`inputs` must be a tensor, a dict of tensors or an iterable of batches, got int"
+    ):
         record_probe(net, 3)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"`inputs` as an iterable must yield tensors"):
         record_probe(net, [["a"]])
@@ -239,3 +241,103 @@ def test_diagnose_with_a_probe_record_flags_the_faulty_group() -> None:
     assert report.flagged == ["0"]
     with pytest.raises(ValueError, match='`localizer="probe"` needs `probe=`'):
         diagnose(bad, loader, loader, localizer="probe", top_k=1)
+
+
+class _Keywords(nn.Module):
+    """A model taking a dict batch as keyword arguments, as a Hugging Face model does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.body = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.body(self.embed(input_ids)) * attention_mask[..., None]
+        return self.head(h.mean(1))
+
+
+def test_dict_inputs_from_batches_are_cut_and_run_as_keyword_arguments() -> None:
+    torch.manual_seed(0)
+    net = _Keywords()
+    ids = torch.randint(0, 10, (20, 5))
+    mask = torch.ones(20, 5)
+    batches = [{"input_ids": ids[i : i + 8], "attention_mask": mask[i : i + 8]} for i in range(0, 20, 8)]
+    record = record_probe(net, batches, max_samples=12, replay=False)
+    assert record.n_samples == 12 and torch.equal(record.inputs["input_ids"], ids[:12])
+    with torch.no_grad():
+        body = net.body(net.embed(ids[:12]))
+    proj = torch.randn(40, 64, generator=torch.Generator().manual_seed(zlib.crc32(b"body"))) / 8.0
+    torch.testing.assert_close(record.sketches["body"], body.reshape(12, -1) @ proj)
+    assert probe_localize(net, record).degenerate
+    with torch.no_grad():
+        net.body.bias.add_(0.5)
+    assert probe_localize(net, record).ranking[0] == "body"
+    # One dict of tensors is one batch; its tensors must agree on dim 0.
+    assert record_probe(net, {"input_ids": ids, "attention_mask": mask}, replay=False).n_samples == 20
+    with pytest.raises(ValueError, match=r"`inputs` holds tensors of different sizes along dim 0 \[4, 20\]"):
+        record_probe(net, {"input_ids": ids, "attention_mask": mask[:4]})
+    with pytest.raises(TypeError, match=r"`forward` must be None or a callable forward\(model, inputs\), got int"):
+        record_probe(net, batches, forward=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"`forward` must be None or a callable"):
+        probe_localize(net, record, forward="model")  # type: ignore[arg-type]
+
+
+def test_a_custom_forward_keeps_whole_batches_and_runs_them_again() -> None:
+    net = _mlp()
+    x, loader = _data()
+    calls = []
+
+    def forward(model: nn.Module, batch: object) -> torch.Tensor:
+        calls.append(type(batch).__name__)
+        inputs, _ = batch  # type: ignore[misc]
+        return model(inputs)
+
+    record = record_probe(net, loader, max_samples=100, forward=forward)
+    assert isinstance(record.inputs, list) and record.n_samples == 100 and torch.equal(record.inputs[0], x[:100])
+    bad = _moment_matched_permutation(net, x)
+    assert probe_localize(bad, record, forward=forward).ranking[0] == "0"
+    assert calls == ["list", "list"]
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.net = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_names_recorded_on_a_wrapper_match_the_inner_model_with_the_prefix_stripped() -> None:
+    net = _mlp()
+    x, _ = _data()
+    bad = _moment_matched_permutation(net, x)
+    for groups in (None, 2):  # "auto" descends into the wrapper; a depth loses one level with the prefix
+        record = record_probe(_Wrapper(net), x[:64], groups=groups)
+        assert record.order == ["net.0", "net.2", "net.4"]
+        scores = probe_localize(bad, record)
+        assert list(scores.scores) == ["0", "2", "4"] and scores.ranking[0] == "0"
+        assert scores.scores["2"] == scores.scores["4"] == 0.0
+        assert "the record's group names carry the prefix 'net.'" in (scores.message or "")
+        # The wrapper itself: the names as recorded, no prefix stripped, the same scores.
+        direct = probe_localize(_Wrapper(bad), record)
+        assert list(direct.scores) == ["net.0", "net.2", "net.4"] and "prefix" not in (direct.message or "")
+        assert list(direct.scores.values()) == list(scores.scores.values())
+    other = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 3))
+    with pytest.raises(
+        ValueError, match=r"its groups are \['0', '1'\], the record's are \['net.0', 'net.2', 'net.4'\]"
+    ):
+        probe_localize(other, record)
+
+
+def test_localizer_probe_without_any_probe_says_where_one_comes_from() -> None:
+    from lightning_beta.artifact import AttributionArtifact, GroupTotals
+    from lightning_beta.diagnosis import diagnose
+
+    net = _mlp()
+    _, loader = _data()
+    empty = GroupTotals(None, None, None, 0, 0)
+    art = AttributionArtifact({"0": 80}, {}, [], [], [], {"0": empty}, empty)  # no probe_path
+    with pytest.raises(ValueError, match=r"or `reference=` an artifact with a probe"):
+        diagnose(net, loader, loader, localizer="probe", reference=art, top_k=1)
