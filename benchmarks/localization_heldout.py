@@ -42,10 +42,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_beta.demos.digits import DigitsMLP, DigitsResNet, digits_dataloaders
+from lightning_beta.demos.faults import NORMS as _NORMS
+from lightning_beta.demos.faults import moment_matched, output_layer
 from lightning_beta.diagnosis import activation_drift, attribute_errors, reference_statistics
 from lightning_beta.diagnosis.probe import probe_localize, record_probe
 from lightning_beta.layer_groups import group_parameters
-from lightning_beta.reference import as_features, default_feature_dim
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import machine_lines, write_section
@@ -54,7 +55,7 @@ from localization import plant as plant_design
 HEADING = "## Localization on held-out fault families"
 DESIGN = ("noise", "reinit", "scale")
 HELDOUT = ("permute", "signflip", "rotate", "mirror", "finetune")
-EPOCHS = {"resnet": 8, "cnn": 10, "mlp": 15, "lnmlp": 15}
+EPOCHS = {"resnet": 8, "cnn": 10, "mlp": 15, "lnmlp": 15, "transformer": 15}
 LOCALIZERS = ("probe (replay)", "probe (first change)", "drift", "gradient")
 MIN_DROP = 0.02  # as in localization.py: a fault that costs less accuracy is not counted
 GOAL = 0.9
@@ -93,8 +94,48 @@ class PlainCNN(nn.Module):
         return self.fc(out.mean(dim=(2, 3)))
 
 
+class RowEmbedding(nn.Module):
+    """Each of the image's 8 rows as a token: a Linear of its 8 pixels plus a learned position vector."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, width)
+        self.position = nn.Parameter(torch.zeros(8, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x.reshape(x.shape[0], 8, 8)) + self.position
+
+
+class RowTransformer(nn.Module):
+    """Two pre-norm encoder blocks of torch's own ``nn.TransformerEncoderLayer`` over the rows: groups embed,
+    blocks.0, blocks.1, norm, head."""
+
+    def __init__(self, width: int = 32, heads: int = 2, num_classes: int = 10) -> None:
+        super().__init__()
+        self.embed = RowEmbedding(width)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
+            for _ in range(2)
+        )
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.embed(x)
+        for block in self.blocks:
+            out = block(out)
+        return self.head(self.norm(out.mean(dim=1)))
+
+
 def build(arch: str) -> nn.Module:
-    return {"resnet": DigitsResNet, "mlp": DigitsMLP, "lnmlp": LayerNormMLP, "cnn": PlainCNN}[arch]()
+    nets = {
+        "resnet": DigitsResNet,
+        "mlp": DigitsMLP,
+        "lnmlp": LayerNormMLP,
+        "cnn": PlainCNN,
+        "transformer": RowTransformer,
+    }
+    return nets[arch]()
 
 
 def train(arch: str, seed: int, loader: DataLoader) -> nn.Module:
@@ -122,77 +163,6 @@ def accuracy(net: nn.Module, loader: DataLoader) -> float:
 
 
 # --- held-out faults ---------------------------------------------------------------------------------------------
-
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
-
-
-def output_layer(group: nn.Module) -> tuple[nn.Module, nn.Module | None]:
-    """The group's output layer (last conv/Linear outside a shortcut, else its norm) and the norm right after it."""
-    named = [(n, m) for n, m in group.named_modules() if "shortcut" not in n]
-    layers = [i for i, (_, m) in enumerate(named) if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
-    if not layers:
-        norm = [m for _, m in named if isinstance(m, _NORMS)][-1]
-        return norm, None
-    i = layers[-1]
-    after = named[i + 1][1] if i + 1 < len(named) and isinstance(named[i + 1][1], _NORMS) else None
-    return named[i][1], after
-
-
-def channel_moments(net: nn.Module, module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and std of ``module``'s output on ``x`` (channel dim as the reference uses it)."""
-    seen: list[Tensor] = []
-    handle = module.register_forward_hook(lambda m, a, out: seen.append(out))
-    with torch.no_grad():
-        net(x)
-    handle.remove()
-    rows = as_features(seen[0], default_feature_dim(module))
-    return rows.mean(0).float(), rows.std(0).float().clamp_min(1e-6)
-
-
-def _rows(t: Tensor, index: Tensor) -> Tensor:
-    return t[index]
-
-
-def moment_matched(net: nn.Module, group: str, x: Tensor, gen: torch.Generator, kind: str) -> nn.Module | None:
-    """``y'_c = a_c y_{pi(c)} + b_c`` with each channel's mean and std on ``x`` kept (``permute`` or ``signflip``)."""
-    bad = copy.deepcopy(net)
-    layer, norm = output_layer(bad.get_submodule(group))
-    is_norm = isinstance(layer, _NORMS)
-    watched = norm if norm is not None else layer
-    mu, sd = channel_moments(bad, watched, x)
-    c = mu.shape[0]
-    if kind == "permute":
-        if is_norm:
-            return None  # a norm cannot reach another channel's input: no permutation within the group
-        pi = torch.randperm(c, generator=gen)
-        while (pi == torch.arange(c)).any():  # a derangement: every channel replaced
-            pi = torch.randperm(c, generator=gen)
-        sign = torch.ones(c)
-    else:
-        pi = torch.arange(c)
-        sign = torch.ones(c)
-        sign[torch.randperm(c, generator=gen)[: c // 2]] = -1
-    a = sign * sd / sd[pi]
-    b = mu - a * mu[pi]
-    with torch.no_grad():
-        if is_norm:
-            layer.weight.mul_(a)
-            layer.bias.mul_(a).add_(b)
-        elif norm is not None:
-            layer.weight.copy_(_rows(layer.weight, pi))
-            if layer.bias is not None:
-                layer.bias.copy_(_rows(layer.bias, pi))
-            if isinstance(norm, nn.modules.batchnorm._BatchNorm):
-                norm.running_mean.copy_(_rows(norm.running_mean, pi))
-                norm.running_var.copy_(_rows(norm.running_var, pi))
-            norm.weight.copy_(a * _rows(norm.weight, pi))
-            norm.bias.copy_(a * _rows(norm.bias, pi) + b)
-        else:
-            shape = (-1, *[1] * (layer.weight.dim() - 1))
-            layer.weight.copy_(_rows(layer.weight, pi) * a.view(shape))
-            if layer.bias is not None:
-                layer.bias.copy_(a * _rows(layer.bias, pi) + b)
-    return bad.eval()
 
 
 def reshape_fan_in(net: nn.Module, group: str, gen: torch.Generator, kind: str) -> nn.Module | None:

@@ -24,15 +24,19 @@ from lightning_beta.diagnosis.drift import Reference, activation_drift
 from lightning_beta.diagnosis.flag import flag_layers
 from lightning_beta.diagnosis.kinetic import kinetic_energy_probe
 from lightning_beta.diagnosis.localize import attribute_errors
-from lightning_beta.diagnosis.probe import ProbeRecord, probe_localize
+from lightning_beta.diagnosis.probe import ProbeRecord, match_record, probe_localize
+from lightning_beta.diagnosis.restore import restore_or_retrain
 from lightning_beta.diagnosis.scores import LayerScores
-from lightning_beta.diagnosis.treat import Policy, SurgeryResult, check_trainer_kwargs, surgical_correction
+from lightning_beta.diagnosis.treat import SurgeryResult, check_trainer_kwargs, surgical_correction
 from lightning_beta.diagnosis.verify import Verification, verify
 from lightning_beta.layer_groups import GroupBy, group_parameters
 from lightning_beta.probe import load_probe
+from lightning_beta.reference import Forward
 
 Localizer = Literal["auto", "gradient", "drift", "kinetic", "probe"]
 LOCALIZERS = ("auto", "gradient", "drift", "kinetic", "probe")
+TreatPolicy = Literal["auto", "fixed", "search", "restore"]
+POLICIES = ("auto", "fixed", "search", "restore")
 
 #: ``kind`` of the report JSON, read by ``lightning-beta report``.
 KIND = "lightning_beta.diagnosis_report"
@@ -188,7 +192,9 @@ class DiagnosisReport:
 
 
 def _stages_markdown(surgery: SurgeryResult) -> str:
-    """What the search policy did, stage by stage, and what it chose."""
+    """What the search or restore policy did, stage by stage, and what it chose."""
+    if surgery.policy.startswith("restore"):
+        return _restore_markdown(surgery)
     rows = [
         [
             s["stage"],
@@ -217,6 +223,45 @@ def _stages_markdown(surgery: SurgeryResult) -> str:
     )
 
 
+def _restore_markdown(surgery: SurgeryResult) -> str:
+    restored = [s for s in surgery.stages if s["stage"] == "restore"]
+    rows = [
+        [
+            ", ".join(s["groups"]),
+            s["optimizer_steps"],
+            s["evaluations"],
+            f"{s['wall_time_s']:.2f}",
+            f"{s['probe_error']['input']:.4g}",
+            f"{s['probe_error']['final']:.4g}",
+        ]
+        for s in restored
+    ]
+    header = ["group", "L-BFGS iterations", "evaluations", "wall s", "probe error before", "after"]
+    lines = [
+        f"policy {surgery.policy}: each group fitted back to its probe record (relative sketch error, section 4 of"
+        " docs/method.md)",
+        "",
+        markdown_table(header, rows, align="lrrrrr"),
+    ]
+    for stage in surgery.stages:
+        if stage["stage"] != "restore":
+            lines += [
+                "",
+                f"{', '.join(stage['groups'])} stayed above the error of a restored group: {stage['stage']},"
+                f" {stage['optimizer_steps']} optimizer steps, {stage['wall_time_s']:.2f} s",
+            ]
+    return "\n".join(lines)
+
+
+def _holds(probe: ProbeRecord, model: nn.Module, groups: Sequence[str]) -> bool:
+    """Whether the probe record holds every one of ``groups`` of ``model`` (a wrapper's prefix stripped)."""
+    try:
+        _, _, names, _ = match_record(model, probe)
+    except ValueError:
+        return False
+    return set(groups) <= set(names.values())
+
+
 def _localize(
     localizer: Localizer,
     model: nn.Module,
@@ -226,17 +271,15 @@ def _localize(
     loss_fn: LossFn | None,
     predict: Predict | None,
     probe: ProbeRecord | None = None,
+    forward: Forward | None = None,
 ) -> LayerScores:
-    if probe is None and localizer in ("auto", "probe") and isinstance(reference, AttributionArtifact):
-        if reference.probe_path is not None:  # LayerAttributionCallback recorded one beside the artifact
-            probe = load_probe(reference)
     if localizer == "probe" or (localizer == "auto" and probe is not None):
         if probe is None:
             raise ValueError(
                 '`localizer="probe"` needs `probe=` (a ProbeRecord from `record_probe(healthy_model, inputs)`) or'
                 " `reference=` an artifact with a probe (LayerAttributionCallback(probe_samples > 0))"
             )
-        return probe_localize(model, probe)
+        return probe_localize(model, probe, forward=forward)
     if localizer == "auto":
         has_bn = any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules())
         localizer = "drift" if reference is not None or has_bn else "gradient"
@@ -266,11 +309,12 @@ def diagnose(
     selection: Literal["layers", "parameters"] = "layers",
     baseline: bool = False,
     baseline_epochs: int | None = None,
-    policy: Policy = "fixed",
+    policy: TreatPolicy = "auto",
     budget: float = 0.3,
     full_steps: int | None = None,
     loss_fn: LossFn | None = None,
     predict: Predict | None = None,
+    forward: Forward | None = None,
     **trainer_kwargs: Any,
 ) -> DiagnosisReport:
     """Scan, Localize, Diagnose, Treat and Verify a trained classifier; optionally measure full retraining too.
@@ -303,9 +347,13 @@ def diagnose(
         selection: ``"layers"`` or ``"parameters"`` (same budget). Defaults to ``"layers"``.
         baseline: also retrain every group, to measure the compute saved. Defaults to ``False``.
         baseline_epochs: epochs of the baseline. Defaults to ``max_epochs``.
-        policy: the treatment policy of :func:`surgical_correction`: ``"fixed"`` (``max_epochs`` at ``lr``) or
-            ``"search"`` (lr search, re-initialisation, widening and early stopping on a held-out split of
-            ``train_dataloaders``, within ``budget * full_steps`` optimizer steps). Defaults to ``"fixed"``.
+        policy: the treatment: ``"restore"`` (:func:`~lightning_beta.diagnosis.restore.restore_or_retrain`: each
+            flagged group fitted back to its probe record, and retrained on the task loss, as ``"search"`` when
+            ``full_steps`` is known and else as ``"fixed"``, only if its sketch error stays above 0.5; needs a
+            probe), ``"fixed"`` (``max_epochs`` at ``lr``), ``"search"`` (lr search, re-initialisation, widening and
+            early stopping on a held-out split of ``train_dataloaders``, within ``budget * full_steps`` optimizer
+            steps), or ``"auto"``: ``"restore"`` when a probe holds every flagged group, else ``"fixed"``.
+            Defaults to ``"auto"``.
         budget: share of ``full_steps`` the treatment may spend. Defaults to ``0.3``.
         full_steps: optimizer steps of full retraining from scratch; required by ``"search"``; with
             ``baseline=True`` and ``"search"`` it defaults to the baseline's measured steps. Defaults to ``None``.
@@ -314,6 +362,9 @@ def diagnose(
             logits (the output, or its ``logits``: a Hugging Face ``ModelOutput``).
         predict: ``predict(logits)``, one predicted class per element, for the localizer and the verification.
             Defaults to the argmax over the class dimension.
+        forward: ``forward(model, inputs)`` runs the model on the probe's inputs as the recording did (the
+            ``reference_forward`` given to ``LayerAttributionCallback``, if any). Defaults to ``None``
+            (:func:`~lightning_beta.reference.default_forward`).
         **trainer_kwargs: further ``Trainer`` arguments for both fits (checked before any work; the epochs are
             ``max_epochs``).
 
@@ -339,14 +390,25 @@ def diagnose(
         (1, 32)
     """
     check_choice("localizer", localizer, LOCALIZERS)
+    check_choice("policy", policy, POLICIES)
     check_trainer_kwargs("diagnose", trainer_kwargs)
     scan = scan_history(history) if history is not None else None
+    if probe is None and isinstance(reference, AttributionArtifact) and reference.probe_path is not None:
+        if localizer in ("auto", "probe") or policy in ("auto", "restore"):
+            probe = load_probe(reference)  # LayerAttributionCallback recorded one beside the artifact
+    if policy == "restore" and probe is None:
+        raise ValueError(
+            '`policy="restore"` needs a probe: `probe=` a ProbeRecord, or `reference=` an artifact with one'
+            " (LayerAttributionCallback(probe_samples > 0))"
+        )
     localize_data = localize_dataloader or train_dataloaders
-    scores = _localize(localizer, model, localize_data, reference, group_by, loss_fn, predict, probe)
+    scores = _localize(localizer, model, localize_data, reference, group_by, loss_fn, predict, probe, forward)
     flagged = flag_layers(scores, ratio=ratio, top_k=top_k)
     if not flagged:
         reason = scores.message or "no group scored high enough to be flagged"
         return DiagnosisReport(scan, scores, flagged, message=f"nothing treated: {reason}", input_model=model)
+    if policy == "auto":
+        policy = "restore" if probe is not None and _holds(probe, model, flagged) else "fixed"
     common = {
         "max_epochs": max_epochs,
         "lr": lr,
@@ -364,18 +426,17 @@ def diagnose(
             model, everything, train_dataloaders, **{**common, "max_epochs": baseline_epochs or max_epochs}
         )
         base_ver = verify(model, base.model, val_dataloader, predict=predict)
-        if full_steps is None and policy == "search":
+        if full_steps is None and policy in ("search", "restore"):
             full_steps = base.optimizer_steps
-    surgery = surgical_correction(
-        model,
-        flagged,
-        train_dataloaders,
-        selection=selection,
-        policy=policy,
-        budget=budget,
-        full_steps=full_steps,
-        **common,
-    )
+    retrain = {"selection": selection, "budget": budget, "full_steps": full_steps, **common}
+    if policy == "restore":
+        assert probe is not None
+        fallback = "search" if full_steps is not None else "fixed"
+        surgery = restore_or_retrain(
+            model, flagged, probe, train_dataloaders, forward=forward, policy=fallback, **retrain
+        )
+    else:
+        surgery = surgical_correction(model, flagged, train_dataloaders, policy=policy, **retrain)
     verification = verify(model, surgery.model, val_dataloader, predict=predict)
     message = None
     if verification.worse:

@@ -124,7 +124,7 @@ def probe_localize(
     check_number("tolerance", tolerance, low=0.0)
     check_bool("replay", replay)
     check_forward(forward)
-    params, modules, names, note = _match(model, record)
+    params, modules, names, note = match_record(model, record)
     device = model_device(model)
     projections: dict[str, Tensor] = {}
     for name in record.order:  # the projection is the recorded name's, whatever the model calls the group
@@ -170,7 +170,7 @@ def probe_localize(
     )
 
 
-def _match(
+def match_record(
     model: nn.Module, record: ProbeRecord
 ) -> tuple[dict[str, list[str]], dict[str, nn.Module], dict[str, str], str | None]:
     """The model's groups and modules, each recorded name's group in the model, and a note if a prefix was stripped."""

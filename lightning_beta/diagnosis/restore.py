@@ -32,6 +32,7 @@ floats) and ``history_size`` copies of its parameters.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -43,12 +44,13 @@ from torch import Tensor, nn
 from lightning_beta._checks import check_int, check_number
 from lightning_beta._probe_inputs import storable, to_device
 from lightning_beta.diagnosis._batches import check_group_names
-from lightning_beta.diagnosis.treat import SurgeryResult
-from lightning_beta.layer_groups import group_modules, group_parameters, group_sizes
+from lightning_beta.diagnosis.probe import match_record
+from lightning_beta.diagnosis.treat import SurgeryResult, surgical_correction
+from lightning_beta.layer_groups import group_sizes
 from lightning_beta.probe import ProbeRecord, check_forward, model_device, projection, run_probe
 from lightning_beta.reference import Forward, default_forward, output_tensor
 
-__all__ = ["restore_from_probe"]
+__all__ = ["restore_from_probe", "restore_or_retrain"]
 
 #: Relative sketch error above which a group counts as not restored.
 RESTORED_ERROR = 0.5
@@ -148,7 +150,7 @@ def _fit(
         optimizer.zero_grad()
         loss = _sketch_error(output, proj, ref)
         loss.backward()
-        last = float(loss)
+        last = float(loss.detach())
         return loss
 
     iterations = 0
@@ -222,34 +224,34 @@ def restore_from_probe(
     check_int("history_size", history_size, minimum=1)
     check_number("tolerance", tolerance, 0.0)
     check_forward(forward)
-    groups = group_parameters(model, record.group_by)
-    check_group_names(list(layers), groups)
-    missing = [name for name in layers if name not in record.sketches]
-    if missing:
-        raise ValueError(
-            f"`layers` names group(s) {missing} that the probe record does not hold; it holds {record.order}"
-        )
     start = time.perf_counter()
     net = copy.deepcopy(model)
+    # The model's groups, and each recorded name's group in it (a wrapper's prefix stripped, see probe_localize).
+    groups, modules, names, _ = match_record(net, record)
+    check_group_names(list(layers), groups)
+    recorded = {group: name for name, group in names.items()}
+    missing = [name for name in layers if name not in recorded]
+    if missing:
+        raise ValueError(
+            f"`layers` names group(s) {missing} that the probe record does not hold; it holds {list(names.values())}"
+        )
     flags = [(module, module.training) for module in net.modules()]
-    modules = group_modules(net, groups)
-    unmodular = [name for name in layers if name not in modules]
-    if unmodular:
-        raise ValueError(f"`layers` names group(s) {unmodular} that are not one module's parameters: restore needs one")
     named = dict(net.named_parameters())
     wanted = [(p, p.requires_grad) for p in net.parameters()]
-    trainable = {id(p): flag for p, flag in wanted}
+    trainable = {id(p) for p, flag in wanted if flag}
     stages: list[dict[str, Any]] = []
     net.eval()
     try:
-        for name in [n for n in record.order if n in layers]:
+        for name in [names[r] for r in record.order if names[r] in layers]:
             stage_start = time.perf_counter()
-            params = [named[p] for p in groups[name] if trainable[id(named[p])]]
+            params = [named[p] for p in groups[name] if id(named[p]) in trainable]
+            own = {id(p) for p in params}
             for p in net.parameters():  # only the group's own parameters carry a graph
-                p.requires_grad_(any(p is q for q in params))
+                p.requires_grad_(id(p) in own)
             output = _group_output(net, name, modules[name], record, forward)
-            ref = record.sketches[name].to(model_device(net))
-            proj = projection(record.seed, name, math.prod(record.shapes[name]), record.sketch_dim, ref.device)
+            ref = record.sketches[recorded[name]].to(model_device(net))
+            width = math.prod(record.shapes[recorded[name]])
+            proj = projection(record.seed, recorded[name], width, record.sketch_dim, ref.device)
             stage = _fit(params, output, proj, ref, max_iter, history_size, tolerance)
             stage.update(stage="restore", groups=[name], n_params=sum(p.numel() for p in params))
             stage["wall_time_s"] = time.perf_counter() - stage_start
@@ -273,5 +275,51 @@ def restore_from_probe(
         momentum="none",
         groups_touched=[s["groups"][0] for s in stages],
         policy="restore",
+        stages=stages,
+    )
+
+
+def restore_or_retrain(
+    model: nn.Module,
+    layers: Sequence[str],
+    record: ProbeRecord,
+    train_dataloaders: Any,
+    forward: Forward | None = None,
+    max_iter: int = 60,
+    tolerance: float = 0.0,
+    **retrain: Any,
+) -> SurgeryResult:
+    """Restore ``layers`` from the probe; retrain on the task loss those whose sketch error stays above 0.5.
+
+    The retraining (:func:`~lightning_beta.diagnosis.surgical_correction` with ``retrain``'s arguments: its
+    policy, epochs, lr, budget, Trainer arguments) starts from the restored weights. The result counts both: the
+    steps and wall time added, the stages of both listed in order, ``policy`` ``"restore"`` or
+    ``"restore+<policy>"``.
+
+    Example:
+        >>> from lightning_beta.probe import record_probe
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> record = record_probe(net, torch.randn(64, 4), sketch_dim=8)
+        >>> broken = copy.deepcopy(net)
+        >>> _ = broken[2].weight.data.mul_(3.0)
+        >>> restore_or_retrain(broken, ["2"], record, train_dataloaders=None).policy  # restored: nothing retrained
+        'restore'
+    """
+    restored = restore_from_probe(model, layers, record, max_iter=max_iter, tolerance=tolerance, forward=forward)
+    left = [s["groups"][0] for s in restored.stages if s["probe_error"]["final"] > RESTORED_ERROR]
+    if not left:
+        return restored
+    retrained = surgical_correction(restored.model, left, train_dataloaders, **retrain)
+    stages = [*restored.stages, {"stage": f"retrain ({retrained.policy})", "groups": left, **retrained.to_dict()}]
+    return dataclasses.replace(
+        retrained,
+        layers=list(layers),
+        n_params_trained=max(restored.n_params_trained, retrained.n_params_trained),
+        fraction_trained=max(restored.fraction_trained, retrained.fraction_trained),
+        optimizer_steps=restored.optimizer_steps + retrained.optimizer_steps,
+        wall_time_s=restored.wall_time_s + retrained.wall_time_s,
+        groups_touched=list(dict.fromkeys([*restored.groups_touched, *retrained.groups_touched])),
+        policy=f"restore+{retrained.policy}",
         stages=stages,
     )

@@ -174,6 +174,15 @@ def test_diagnose_with_the_artifact_names_a_fault_drift_cannot_see(tmp_path: Pat
     healthy = probe_localize(lit.model, load_probe(art))
     assert healthy.degenerate and set(healthy.scores) == {"stem", "block", "head"}
 
+    # Treat: with the probe at hand "auto" restores the flagged group to its record (no label is read).
+    assert report.surgery is not None and report.surgery.policy == "restore"
+    stage = report.surgery.stages[0]
+    assert stage["groups"] == ["block"] and stage["probe_error"]["final"] < 0.05 * stage["probe_error"]["input"]
+    with torch.no_grad():
+        clean, broken, fixed = lit.model.eval()(x), bad(x), report.model(x)
+    assert (fixed - clean).norm() < 0.05 * (broken - clean).norm()
+    assert "L-BFGS iterations" in report.to_markdown()
+
     forced = diagnose(bad, loader, loader, localizer="probe", reference=art, top_k=1, max_epochs=1, logger=False)
     assert forced.scores.scores == report.scores.scores
     with pytest.raises(ValueError, match=r"its groups are \['0', '1'\], the record's are \['model.stem'"):

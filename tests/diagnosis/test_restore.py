@@ -133,3 +133,24 @@ def test_frozen_parameters_stay_frozen_and_unchanged():
     assert not model[3].weight.requires_grad
     assert model[1][0].weight.requires_grad and not torch.equal(model[1][0].weight, bad[1][0].weight)
     assert result.n_params_trained == sum(p.numel() for p in bad[1].parameters()) - 6
+
+
+def test_a_group_left_far_from_its_record_is_retrained_on_the_task():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_beta.diagnosis.restore import restore_or_retrain
+
+    net = _bn_cnn()
+    x = torch.randn(128, 1, 6, 6)
+    record = record_probe(net, x, sketch_dim=64)
+    bad = _scaled(net, "1", 5.0)
+    loader = DataLoader(TensorDataset(x, net(x).argmax(1)), batch_size=32)
+    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    # One L-BFGS iteration cannot bring a five-fold scale back under the 0.5 error of a restored group.
+    result = restore_or_retrain(bad, ["1"], record, loader, max_iter=1, max_epochs=1, lr=0.01, **quiet)
+    restore, retrain = result.stages
+    assert restore["stage"] == "restore" and restore["probe_error"]["final"] > 0.5
+    assert retrain["stage"] == "retrain (fixed)" and retrain["groups"] == ["1"]
+    assert result.policy == "restore+fixed"
+    assert result.optimizer_steps == restore["optimizer_steps"] + retrain["optimizer_steps"] == 1 + len(loader)
+    assert result.wall_time_s >= restore["wall_time_s"] + retrain["wall_time_s"]
