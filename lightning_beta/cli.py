@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="train on the bundled digits with and without the beta schedule, then diagnose",
         description="Train a small residual CNN on scikit-learn's digits twice (constant momentum 0.9 and"
-        " BetaMomentumCallback) with the regime monitor and layer attribution, diagnose the beta run, and print"
-        " a comparison table and the tensorboard command to view the logs. No download.",
+        " BetaMomentumCallback) with the regime monitor and layer attribution, plant a fault in the beta run,"
+        " localize and repair it, and print a comparison table and the tensorboard command to view the logs."
+        " No download.",
     )
     demo.add_argument("--quick", action="store_true", help="a short run (under 2 minutes on two CPU cores)")
     demo.add_argument("--epochs", type=_whole_number(1), help="epochs per run (default 12; 4 with --quick)")
@@ -61,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("lightning_beta_runs"), help="output directory")
     demo.add_argument("--accelerator", default="cpu", help="Lightning accelerator (default cpu)")
     demo.add_argument("--devices", default="1", help="Lightning devices (default 1)")
+    demo.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Lightning's progress bars (default: on when the output is a terminal)",
+    )
 
     report = commands.add_parser("report", help="render an attribution.json or a diagnosis report as a table")
     report.add_argument("path", type=Path, help="an attribution.json or a diagnosis report JSON")
@@ -70,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
         "diagnose",
         help="Localize, Diagnose, Treat and Verify your own checkpoint on your own data",
         description="Load a LightningModule checkpoint (`--model` and `--data` are class paths, as in LightningCLI)"
-        " and run the diagnosis pipeline on it: localize on one half of the validation set, retrain the flagged"
-        " groups on the training set, verify on the other half. Writes diagnosis.json and diagnosis.md to --out,"
-        " the report of the demo; the input checkpoint is not changed.",
+        " and run the diagnosis pipeline on it: localize on one half of the validation set, treat the flagged"
+        " groups (restored from the probe of --artifact, or retrained on the training set), verify on the other"
+        " half. Writes diagnosis.json and diagnosis.md to --out, the report of the demo; the input checkpoint is"
+        " not changed.",
     )
     diag.add_argument("checkpoint", type=Path, help="a Lightning checkpoint (.ckpt) of the --model class")
     diag.add_argument("--model", required=True, help="class path of the LightningModule, e.g. pkg.module.Model")
@@ -80,7 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument(
         "--data-args", type=_json_object, default={}, help="init arguments of --data as JSON, e.g. '{\"seed\": 0}'"
     )
-    diag.add_argument("--localizer", choices=("auto", "gradient", "drift", "kinetic"), default="gradient")
+    diag.add_argument(
+        "--artifact",
+        type=Path,
+        help="the attribution.json LayerAttributionCallback wrote for this model (its reference and probe)",
+    )
+    diag.add_argument(
+        "--localizer",
+        choices=("auto", "probe", "drift", "gradient", "kinetic"),
+        default="auto",
+        help="auto: the artifact's probe, else drift with an artifact or BatchNorm, else gradient (default auto)",
+    )
+    diag.add_argument(
+        "--policy",
+        choices=("auto", "restore", "fixed", "search"),
+        default="auto",
+        help="treatment; auto: restore from the artifact's probe when it holds the flagged groups, else fixed",
+    )
     diag.add_argument("--top-k", type=_whole_number(1), help="flag the k highest groups (default: 2x the median)")
     diag.add_argument("--max-epochs", type=_whole_number(1), default=1, help="retraining epochs (default 1)")
     diag.add_argument("--lr", type=_positive_number, default=0.01, help="peak retraining lr (default 0.01)")
@@ -155,6 +179,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         quick=args.quick,
         accelerator=args.accelerator,
         devices=args.devices,
+        progress=sys.stdout.isatty() if args.progress is None else args.progress,
     )
     result = run_demo(config)
     if result.is_global_zero:  # every process of a multi-device run gets here; one prints
@@ -226,6 +251,15 @@ def _run_diagnose(args: argparse.Namespace) -> int:
     _check_accelerator(args.accelerator, args.devices)
     from lightning_beta.demos.demo import diagnose_checkpoint, quiet, write_report
 
+    artifact = None
+    if args.artifact is not None:
+        from lightning_beta.artifact import load_attribution
+
+        try:
+            artifact = load_attribution(args.artifact)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--artifact {args.artifact}: {_first_line(err)}") from None
+
     try:
         datamodule = data_cls(**args.data_args)
     except TypeError as err:
@@ -240,7 +274,9 @@ def _run_diagnose(args: argparse.Namespace) -> int:
             model,
             datamodule,
             checkpoint=args.checkpoint,
+            artifact=artifact,
             localizer=args.localizer,
+            policy=args.policy,
             top_k=args.top_k,
             max_epochs=args.max_epochs,
             lr=args.lr,

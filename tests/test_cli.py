@@ -191,6 +191,35 @@ def test_diagnose_a_checkpoint_on_the_digits(digits_checkpoint, tmp_path, capsys
     assert run_cli("report", str(out / "diagnosis.json")).returncode == 0
 
 
+def test_diagnose_a_checkpoint_with_its_artifact_restores_the_faulty_group(tmp_path, capsys):
+    from lightning_beta import LayerAttributionCallback
+    from lightning_beta.demos.digits import DigitsClassifier, DigitsDataModule, load_digits_tensors
+
+    pl.seed_everything(0, verbose=False)
+    callback = LayerAttributionCallback(dirpath=tmp_path / "run")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=3, limit_train_batches=None, callbacks=[callback]))
+    model = DigitsClassifier("mlp", lr=0.1)
+    trainer.fit(model, DigitsDataModule(seed=0))
+    _, val = load_digits_tensors(0)
+    x, y = val.tensors
+    odd = slice(1, None, 2)
+    healthy = float((model.eval()(x[odd]).argmax(1) == y[odd]).float().mean())
+    with torch.no_grad():  # a fault after training: one group's weights corrupted in the saved checkpoint
+        model.net.fc2.weight.mul_(-2.0)
+    faulty = float((model(x[odd]).argmax(1) == y[odd]).float().mean())
+    trainer.save_checkpoint(tmp_path / "faulty.ckpt")
+    out = tmp_path / "report"
+    args = ["diagnose", str(tmp_path / "faulty.ckpt"), *DIGITS, "--artifact", str(callback.artifact_path)]
+    assert main([*args, "--top-k", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "diagnosis.json").read_text())
+    assert report["scores"]["method"] == "probe" and report["flagged"] == ["net.fc2"]
+    assert report["surgery"]["policy"] == "restore" and report["surgery"]["epochs"] == 0
+    check = report["verification"]
+    assert check["accuracy_before"] == pytest.approx(faulty) and healthy - faulty > 0.1
+    assert check["accuracy_after"] >= healthy - 0.01  # back to the healthy model's accuracy
+    assert "L-BFGS iterations" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

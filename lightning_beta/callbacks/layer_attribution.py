@@ -130,7 +130,8 @@ class LayerAttributionCallback(pl.Callback):
             ``default_root_dir``). Defaults to ``None``.
         filename: file name of the artifact. Defaults to ``"attribution.json"``.
         probe_samples: training samples of the probe; 0 records none. Defaults to ``256``.
-        probe_sketch_dim: numbers per sample in each group's sketched output. Defaults to ``64``.
+        probe_sketch_dim: numbers per sample in each group's sketched output; the restore treatment needs it wide
+            (docs/method.md, section 4). Defaults to ``256``.
         probe_replay: also keep each group's inputs for the replay rule of ``probe_localize`` (large for
             transformers: every group's full input on the probe set). Defaults to ``False``.
 
@@ -159,7 +160,7 @@ class LayerAttributionCallback(pl.Callback):
         dirpath: str | os.PathLike | None = None,
         filename: str = "attribution.json",
         probe_samples: int = 256,
-        probe_sketch_dim: int = 64,
+        probe_sketch_dim: int = 256,
         probe_replay: bool = False,
     ) -> None:
         # A depth given as digits on the command line (LightningCLI) becomes the int it means.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,10 +22,20 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Subset
 
+from lightning_beta.artifact import AttributionArtifact
 from lightning_beta.callbacks import BetaMomentumCallback, DampingRegimeMonitor, LayerAttributionCallback
 from lightning_beta.demos.digits import DigitsClassifier, digits_dataloaders, load_digits_tensors
-from lightning_beta.diagnosis import DiagnosisReport, diagnose
-from lightning_beta.diagnosis.pipeline import Localizer
+from lightning_beta.demos.faults import moment_matched
+from lightning_beta.diagnosis import (
+    DiagnosisReport,
+    activation_drift,
+    attribute_errors,
+    diagnose,
+    probe_localize,
+    reference_statistics,
+    verify,
+)
+from lightning_beta.diagnosis.pipeline import Localizer, TreatPolicy
 
 TARGETS = (0.90, 0.95)
 
@@ -39,6 +50,7 @@ class DemoConfig:
     quick: bool = False
     accelerator: str = "cpu"
     devices: str = "1"
+    progress: bool = True
 
 
 class AccuracyCurve(pl.Callback):
@@ -70,6 +82,7 @@ class RunResult:
     model: DigitsClassifier
     log_dir: str
     is_global_zero: bool = True
+    fit_seconds: float = float("nan")
 
     @property
     def final_accuracy(self) -> float:
@@ -93,6 +106,7 @@ class DemoResult:
     config: DemoConfig
     runs: dict[str, RunResult]
     diagnosis: DiagnosisReport | None = None
+    fault: PlantedFault | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -122,35 +136,47 @@ class DemoResult:
         return "\n".join(rows)
 
     def diagnosis_lines(self) -> list[str]:
-        """Lines on the diagnosis of the beta run."""
-        report = self.diagnosis
-        if report is None:
+        """Lines on the fault planted in the beta run, who found it, and what the treatment recovered."""
+        report, fault = self.diagnosis, self.fault
+        if report is None or fault is None:
             return []
         lines = [
-            "Diagnosis of the beta run (paper's error-gradient localizer on the errors of one half of the validation"
-            " set; verified on the other half):"
+            f"Diagnosis of a fault planted in the beta run: {fault.description}.",
+            f"  accuracy on the verification half: {fault.clean:.3f} healthy, {fault.faulty:.3f} with the fault",
+            "  group named first: "
+            + "; ".join(
+                f"{label} {name} ({'right' if name == fault.group else 'wrong'})" for label, name in fault.named.items()
+            ),
         ]
-        lines.append(f"  flagged groups: {', '.join(report.flagged) or 'none'}")
         if report.message:
             lines.append(f"  {report.message}")
-        for label, run, check in (
-            ("surgery", report.surgery, report.verification),
-            ("full retraining", report.baseline, report.baseline_verification),
-        ):
-            if run is None or check is None:
-                continue
+        surgery, check = report.surgery, report.verification
+        if surgery is not None and check is not None:
+            lost = fault.clean - fault.faulty
+            recovered = (check.accuracy_after - fault.faulty) / lost if lost > 0 else float("nan")
             lines.append(
-                f"  {label}: fixed {check.fixed}, broken {check.broken}, net {check.net:+d}; accuracy"
-                f" {check.accuracy_before:.3f} -> {check.accuracy_after:.3f}; {run.fraction_trained:.1%} of the"
-                f" parameters, {run.optimizer_steps} steps, {run.wall_time_s:.1f} s"
+                f"  treatment ({surgery.policy} {', '.join(surgery.groups_touched)}): accuracy"
+                f" {check.accuracy_before:.3f} -> {check.accuracy_after:.3f}, fixed {check.fixed}, broken"
+                f" {check.broken}, net {check.net:+d}: {recovered:.0%} of the lost accuracy recovered"
             )
-        compute = report.compute
-        if compute is not None:
+            train_s = self.runs["beta schedule"].fit_seconds
             lines.append(
-                f"  surgery took {compute['time_fraction']:.0%} of full retraining's wall time (measured) and"
-                f" {compute['steps_fraction']:.0%} of its optimizer steps"
+                f"  compute (measured): {surgery.wall_time_s:.2f} s = {surgery.wall_time_s / train_s:.1%} of the beta"
+                f" run's training ({train_s:.1f} s); {surgery.n_params_trained} parameters"
+                f" ({surgery.fraction_trained:.1%}) fitted, {surgery.optimizer_steps} optimizer steps"
             )
         return lines
+
+
+@dataclass
+class PlantedFault:
+    """The fault the demo plants in the beta run and what each localizer made of it."""
+
+    group: str
+    description: str
+    clean: float
+    faulty: float
+    named: dict[str, str]
 
 
 #: Lightning's loggers whose info lines (accelerator, tips) the demo hides; warnings still show. Both namespaces:
@@ -224,10 +250,13 @@ def train_run(name: str, config: DemoConfig, beta: bool) -> RunResult:
         log_every_n_steps=5,
         enable_checkpointing=False,
         enable_model_summary=False,
+        enable_progress_bar=config.progress,
         deterministic=True,
     )
+    begin = time.perf_counter()
     trainer.fit(model, train_loader, val_loader)
-    return RunResult(name, curve, monitor, attribution, model, logger.log_dir, trainer.is_global_zero)
+    seconds = time.perf_counter() - begin
+    return RunResult(name, curve, monitor, attribution, model, logger.log_dir, trainer.is_global_zero, seconds)
 
 
 def run_demo(config: DemoConfig) -> DemoResult:
@@ -243,7 +272,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
             "beta schedule": train_run("beta", config, beta=True),
         }
         result = DemoResult(config, runs)
-        result.diagnosis = diagnose_run(runs["beta schedule"], config)
+        result.diagnosis, result.fault = diagnose_run(runs["beta schedule"], config)
     if result.is_global_zero:
         write_report(result.diagnosis, config.out)
     report_path = config.out / "diagnosis.json"
@@ -279,7 +308,9 @@ def diagnose_checkpoint(
     model: pl.LightningModule,
     datamodule: pl.LightningDataModule,
     checkpoint: Path | None = None,
-    localizer: Localizer = "gradient",
+    artifact: AttributionArtifact | None = None,
+    localizer: Localizer = "auto",
+    policy: TreatPolicy = "auto",
     top_k: int | None = None,
     max_epochs: int = 1,
     lr: float = 0.01,
@@ -290,8 +321,10 @@ def diagnose_checkpoint(
     """The demo's diagnosis on a user's model and data (``lightning-beta diagnose``).
 
     Localize on the even samples of the datamodule's validation set (all of the training set if the validation
-    loader has no sized dataset), retrain on its training set, verify on the odd samples; the damping-regime
-    history of a ``DampingRegimeMonitor`` saved in ``checkpoint`` is scanned.
+    loader has no sized dataset), treat (restore from the ``artifact``'s probe, or retrain on the training set),
+    verify on the odd samples; the damping-regime history of a ``DampingRegimeMonitor`` saved in ``checkpoint`` is
+    scanned. ``artifact`` is what ``LayerAttributionCallback`` wrote for the model: the reference of the drift
+    localizer and the probe of the probe localizer and of the restore treatment.
 
     Returns:
         The report and whether this process is global rank zero (the one to write it).
@@ -306,7 +339,9 @@ def diagnose_checkpoint(
         train_loader,
         verify_on,
         history=checkpoint_history(checkpoint) if checkpoint is not None else None,
+        reference=artifact,
         localizer=localizer,
+        policy=policy,
         localize_dataloader=localize_on,
         top_k=top_k,
         max_epochs=max_epochs,
@@ -324,32 +359,57 @@ def write_report(report: DiagnosisReport, out: Path) -> None:
     (out / "diagnosis.md").write_text(report.to_markdown())
 
 
-def diagnose_run(run: RunResult, config: DemoConfig) -> DiagnosisReport:
-    """Scan, Localize, Diagnose, Treat and Verify the beta run, with a full-retraining baseline for the compute.
+#: The group the demo damages, and how (:func:`lightning_beta.demos.faults.moment_matched`).
+FAULT_GROUP, FAULT_KIND = "net.layer2", "permute"
 
-    The trained model makes almost no error on its own training set, so Localize uses the paper's score (the RMS
-    error gradient of each group) on the misclassified samples of one half of the validation set, and Verify counts
-    the errors fixed and broken on the other half. Treat retrains the flagged groups for one epoch on the training
-    set with the beta schedule; full retraining (every group, same recipe) is measured beside it.
+
+def diagnose_run(run: RunResult, config: DemoConfig) -> tuple[DiagnosisReport, PlantedFault]:
+    """Plant a fault in the beta run, name the faulty group with each localizer, restore it, verify.
+
+    The fault: ``net.layer2``'s output channels permuted, each rescaled to the mean and variance of the channel it
+    replaces (:func:`~lightning_beta.demos.faults.moment_matched`), so per-channel statistics cannot see it. The
+    localizers run on one half of the validation set: the probe that ``LayerAttributionCallback`` recorded at the
+    end of the run (ours), activation drift against the healthy model's statistics (ours) and the error-gradient
+    score (the paper's). :func:`~lightning_beta.diagnosis.diagnose` then flags the probe's first group and treats it
+    with the ``"auto"`` policy, which restores it from the probe record; Verify counts the errors fixed and broken
+    on the other half. The compute is measured against the run's own training time.
     """
     train_loader, _ = digits_dataloaders(batch_size=64, seed=config.seed)
     _, val = load_digits_tensors()  # the validation split of the runs (it depends on the split seed only)
     localize_half = DataLoader(Subset(val, range(0, len(val), 2)), batch_size=512)
     verify_half = DataLoader(Subset(val, range(1, len(val), 2)), batch_size=512)
-    return diagnose(
-        run.model,
+    healthy, probe = run.model, run.attribution.probe
+    if probe is None:
+        raise RuntimeError("LayerAttributionCallback recorded no probe in the beta run")
+    x_train = torch.cat([batch[0] for batch in train_loader])
+    gen = torch.Generator().manual_seed(config.seed)
+    bad = moment_matched(healthy, FAULT_GROUP, x_train, gen, FAULT_KIND)
+    assert bad is not None  # a block with a convolution can be permuted
+    named = {
+        "probe (ours)": probe_localize(bad, probe).ranking[0],
+        "drift (ours)": activation_drift(bad, localize_half, reference_statistics(healthy, localize_half)).ranking[0],
+        "error gradient (paper)": attribute_errors(bad, localize_half).ranking[0],
+    }
+    report = diagnose(
+        bad,
         train_loader,
         verify_half,
         history=run.monitor.history,
-        localizer="gradient",
-        localize_dataloader=localize_half,
-        max_epochs=1,
-        lr=0.01,
-        baseline=True,
+        localizer="probe",
+        probe=probe,
+        top_k=1,
         accelerator=config.accelerator,
         devices=parse_devices(config.devices),
-        enable_progress_bar=True,
+        enable_progress_bar=config.progress,
     )
+    fault = PlantedFault(
+        group=FAULT_GROUP,
+        description=f"{FAULT_GROUP}'s output channels permuted, each channel's mean and variance kept",
+        clean=verify(healthy, healthy, verify_half).accuracy_before,
+        faulty=report.verification.accuracy_before if report.verification else float("nan"),
+        named=named,
+    )
+    return report, fault
 
 
 def parse_devices(devices: str) -> int | str:

@@ -10,6 +10,7 @@ that holds it; what the group computes has changed.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -73,8 +74,9 @@ def moment_matched(net: nn.Module, group: str, x: Tensor, gen: torch.Generator, 
         >>> torch.allclose(before.mean(0), after.mean(0), atol=1e-5), torch.allclose(before, after)
         (True, False)
     """
-    bad = copy.deepcopy(net)
-    layer, norm = output_layer(bad.get_submodule(group))
+    bad = copy.deepcopy(net).eval()  # the moments are measured without moving any BatchNorm statistics
+    found: Any = output_layer(bad.get_submodule(group))  # modules whose tensors are reached by name below
+    layer, norm = found
     is_norm = isinstance(layer, NORMS)
     watched = norm if norm is not None else layer
     mu, sd = channel_moments(bad, watched, x)
@@ -100,9 +102,10 @@ def moment_matched(net: nn.Module, group: str, x: Tensor, gen: torch.Generator, 
             layer.weight.copy_(_rows(layer.weight, pi))
             if layer.bias is not None:
                 layer.bias.copy_(_rows(layer.bias, pi))
+            stats: Any = norm  # a BatchNorm's running statistics follow their channels
             if isinstance(norm, nn.modules.batchnorm._BatchNorm):
-                norm.running_mean.copy_(_rows(norm.running_mean, pi))
-                norm.running_var.copy_(_rows(norm.running_var, pi))
+                stats.running_mean.copy_(_rows(stats.running_mean, pi))
+                stats.running_var.copy_(_rows(stats.running_var, pi))
             norm.weight.copy_(a * _rows(norm.weight, pi))
             norm.bias.copy_(a * _rows(norm.bias, pi) + b)
         else:

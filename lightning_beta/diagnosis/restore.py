@@ -68,8 +68,11 @@ class _Stop(Exception):
 
 def _group_output(
     model: nn.Module, name: str, module: nn.Module, record: ProbeRecord, forward: Forward | None
-) -> Output:
-    """A function giving the group's output on the probe inputs, with the graph to its own parameters.
+) -> tuple[Output, Tensor | None]:
+    """The group's output on the probe inputs as a function, and the input of a plain Linear group.
+
+    The function's result carries the graph to the group's own parameters; the Linear input is for
+    :func:`_solve_linear` (``None`` for any other group).
 
     When what the module receives can be kept (tensors and plain values) it is captured once and the module alone
     is rerun on it; otherwise (a key-value cache object, which a rerun would extend) every call runs the model on
@@ -81,7 +84,7 @@ def _group_output(
         raise ValueError(f"group {name!r}: {capture.reasons.get(name, 'its module did not run on the probe inputs')}")
     if storable(capture.arguments[name]):
         args, kwargs = to_device(capture.arguments[name], device)
-        return lambda: _floating(module(*args, **kwargs))
+        return (lambda: _floating(module(*args, **kwargs))), _linear_input(module, args, kwargs)
     inputs = to_device(record.inputs, device)
 
     def through_model() -> Tensor:
@@ -100,7 +103,47 @@ def _group_output(
             handle.remove()
         return seen[0]
 
-    return through_model
+    return through_model, None
+
+
+def _linear_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+    """The ``(N, in_features)`` input of a plain ``nn.Linear`` group, whose fit has a closed form; else ``None``."""
+    if type(module) is not nn.Linear or kwargs or len(args) != 1:
+        return None
+    x = args[0]
+    return x if isinstance(x, Tensor) and x.dim() == 2 and x.is_floating_point() else None
+
+
+def _solve_linear(module: nn.Linear, x: Tensor, output: Output, proj: Tensor, ref: Tensor) -> dict[str, Any]:
+    """The least-squares fit of a Linear group: ``[W^T; b] = X^+ S_ref R^+`` with ``X = [x, 1]`` (float64).
+
+    The minimum-norm minimiser of ``||X [W^T; b] R - S_ref||_F``; exact when ``X`` has full column rank and the
+    sketch is at least as wide as the layer's output. Kept only if it lowers the sketch error.
+    """
+    with torch.no_grad():
+        before = float(_sketch_error(output, proj, ref))
+        saved = [module.weight.detach().clone(), None if module.bias is None else module.bias.detach().clone()]
+        design = x.double()
+        if module.bias is not None:
+            design = torch.cat([design, design.new_ones(design.shape[0], 1)], dim=1)
+        theta = torch.linalg.pinv(design) @ ref.double() @ torch.linalg.pinv(proj.double())
+        module.weight.copy_(theta[: x.shape[1]].T.to(module.weight.dtype))
+        if module.bias is not None:
+            module.bias.copy_(theta[x.shape[1]].to(module.bias.dtype))
+        after = float(_sketch_error(output, proj, ref))
+        kept = math.isfinite(after) and after <= before
+        if not kept:
+            module.weight.copy_(saved[0])
+            if module.bias is not None and saved[1] is not None:
+                module.bias.copy_(saved[1])
+            after = before
+    return {
+        "method": "least squares",
+        "optimizer_steps": 0,
+        "evaluations": 2,
+        "probe_error": {"input": math.sqrt(before), "final": math.sqrt(after)},
+        "kept": kept,
+    }
 
 
 def _floating(output: Any) -> Tensor:
@@ -118,7 +161,7 @@ def _sketch_error(output: Output, proj: Tensor, ref: Tensor) -> Tensor:
 
 
 def _fit(
-    params: list[Tensor],
+    params: Sequence[Tensor],
     output: Output,
     proj: Tensor,
     ref: Tensor,
@@ -172,6 +215,7 @@ def _fit(
                 p.copy_(value)
             after = before
     return {
+        "method": "L-BFGS",
         "optimizer_steps": iterations,
         "evaluations": evaluations,
         "probe_error": {"input": math.sqrt(before), "final": math.sqrt(after)},
@@ -183,7 +227,7 @@ def restore_from_probe(
     model: nn.Module,
     layers: Sequence[str],
     record: ProbeRecord,
-    max_iter: int = 60,
+    max_iter: int = 40,
     history_size: int = 20,
     tolerance: float = 0.0,
     forward: Forward | None = None,
@@ -194,7 +238,7 @@ def restore_from_probe(
         model: the model to treat; not modified.
         layers: the groups to restore (names of ``record.group_by`` groups that the record holds).
         record: the probe record of the healthy model.
-        max_iter: L-BFGS iterations per group, ``>= 1``. Defaults to ``60``.
+        max_iter: L-BFGS iterations per group, ``>= 1``. Defaults to ``40``.
         history_size: L-BFGS history, ``>= 1``. Defaults to ``20``.
         tolerance: a group's fit stops once its relative sketch error is below this, ``>= 0`` (checked every
             five iterations). Defaults to ``0.0``.
@@ -248,11 +292,16 @@ def restore_from_probe(
             own = {id(p) for p in params}
             for p in net.parameters():  # only the group's own parameters carry a graph
                 p.requires_grad_(id(p) in own)
-            output = _group_output(net, name, modules[name], record, forward)
+            output, linear_input = _group_output(net, name, modules[name], record, forward)
             ref = record.sketches[recorded[name]].to(model_device(net))
             width = math.prod(record.shapes[recorded[name]])
             proj = projection(record.seed, recorded[name], width, record.sketch_dim, ref.device)
-            stage = _fit(params, output, proj, ref, max_iter, history_size, tolerance)
+            module = modules[name]
+            whole = len(params) == len(list(module.parameters()))  # no tensor of the group frozen by the user
+            if isinstance(module, nn.Linear) and linear_input is not None and whole:
+                stage = _solve_linear(module, linear_input, output, proj, ref)
+            else:
+                stage = _fit(params, output, proj, ref, max_iter, history_size, tolerance)
             stage.update(stage="restore", groups=[name], n_params=sum(p.numel() for p in params))
             stage["wall_time_s"] = time.perf_counter() - stage_start
             stages.append(stage)
@@ -285,7 +334,7 @@ def restore_or_retrain(
     record: ProbeRecord,
     train_dataloaders: Any,
     forward: Forward | None = None,
-    max_iter: int = 60,
+    max_iter: int = 40,
     tolerance: float = 0.0,
     **retrain: Any,
 ) -> SurgeryResult:

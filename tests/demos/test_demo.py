@@ -67,3 +67,34 @@ def test_two_devices_print_one_table_with_the_reduced_numbers(tmp_path):
     report = json.loads((out / "diagnosis.json").read_text())
     check = report["verification"]
     assert f"fixed {check['fixed']}, broken {check['broken']}, net {check['net']:+d}" in result.stdout
+
+
+def test_the_demo_plants_a_fault_that_the_probe_names_and_the_restore_repairs(tmp_path):
+    from torch.utils.data import Subset
+
+    from lightning_beta.demos.demo import FAULT_GROUP, DemoConfig, run_demo
+    from lightning_beta.demos.digits import load_digits_tensors
+
+    result = run_demo(DemoConfig(out=tmp_path, epochs=2, quick=True, progress=False))
+    report, fault = result.diagnosis, result.fault
+    assert fault is not None and report is not None and report.surgery is not None
+    # The probe the callback recorded names the damaged group; the marginal-statistics localizer cannot.
+    assert fault.named["probe (ours)"] == FAULT_GROUP and report.flagged == [FAULT_GROUP]
+    assert fault.named["drift (ours)"] != FAULT_GROUP
+    assert report.surgery.policy == "restore" and report.surgery.groups_touched == [FAULT_GROUP]
+    # Accuracies recomputed here, by argmax over the verification half (the odd validation samples).
+    _, val = load_digits_tensors()
+    half = Subset(val, range(1, len(val), 2))
+    x = torch.stack([half[i][0] for i in range(len(half))])
+    y = torch.stack([half[i][1] for i in range(len(half))])
+    healthy = result.runs["beta schedule"].model.eval()
+    with torch.no_grad():
+        clean = float((healthy(x).argmax(1) == y).float().mean())
+        after = float((report.model.eval()(x).argmax(1) == y).float().mean())
+    assert fault.clean == pytest.approx(clean) and report.verification.accuracy_after == pytest.approx(after)
+    assert clean - fault.faulty > 0.05  # the fault costs accuracy ...
+    assert after - fault.faulty > 0.8 * (clean - fault.faulty)  # ... which the restore brings back
+    table = result.table()
+    assert f"{fault.faulty:.3f} -> {after:.3f}" in table and "probe (ours) net.layer2 (right)" in table
+    saved = json.loads((tmp_path / "diagnosis.json").read_text())
+    assert saved["surgery"]["policy"] == "restore" and saved["flagged"] == [FAULT_GROUP]

@@ -33,7 +33,8 @@ def test_a_linear_layer_is_recovered_exactly():
     stage = result.stages[0]
     assert stage["probe_error"]["input"] == pytest.approx(1.5, rel=1e-4)  # ||2.5 y - y|| / ||y||
     assert stage["probe_error"]["final"] < 1e-4
-    assert result.policy == "restore" and result.optimizer_steps == stage["optimizer_steps"] > 0
+    assert stage["method"] == "least squares"  # a plain Linear group has a closed-form fit
+    assert result.policy == "restore" and result.optimizer_steps == 0
     assert result.n_params_trained == 15 and result.fraction_trained == 1.0
 
 
@@ -71,7 +72,7 @@ def test_restore_touches_only_the_group_and_leaves_the_input_alone():
     fresh = torch.randn(64, 1, 6, 6)
     with torch.no_grad():
         clean_out, bad_out, fixed_out = net(fresh), bad.eval()(fresh), result.model.eval()(fresh)
-    assert (fixed_out - clean_out).norm() < 0.05 * (bad_out - clean_out).norm()
+    assert (fixed_out - clean_out).norm() < 0.1 * (bad_out - clean_out).norm()
 
 
 def test_two_groups_are_restored_in_forward_order():
@@ -81,6 +82,7 @@ def test_two_groups_are_restored_in_forward_order():
     bad = _scaled(_scaled(net, "0", 0.3), "3", 2.0)
     result = restore_from_probe(bad, ["3", "0"], record, max_iter=200)
     assert [s["groups"] for s in result.stages] == [["0"], ["3"]]
+    assert [s["method"] for s in result.stages] == ["L-BFGS", "least squares"]
     assert all(s["probe_error"]["final"] < 0.05 for s in result.stages)
     fresh = torch.randn(64, 1, 6, 6)
     with torch.no_grad():
