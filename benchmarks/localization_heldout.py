@@ -16,8 +16,9 @@ asks which group each localizer names first:
   ``finetune``: a bad fine-tune of that group alone (SGD, lr 3.0, 10 steps on training batches; the group in train
   mode, the rest frozen in eval mode).
 
-Four digits models (``lightning_beta.demos.digits``): the BatchNorm ResNet and the MLP, plus here a LayerNorm MLP and
-a plain CNN without residual paths. Localizers: the probe (``probe_localize`` with replay, and the first-change rule
+Five digits models: the BatchNorm ResNet and the MLP (``lightning_beta.demos.digits``), plus here a LayerNorm MLP, a
+plain CNN without residual paths, and a two-block transformer (torch's own ``nn.TransformerEncoderLayer`` over the
+image's rows). Localizers: the probe (``probe_localize`` with replay, and the first-change rule
 without replay), activation drift against a recorded reference, the error-gradient score.
 
     python benchmarks/localization_heldout.py           # 5 seeds, prints
@@ -263,7 +264,7 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     seeds = [0] if args.quick else list(range(args.seeds))
-    archs = ("resnet", "mlp") if args.quick else ("resnet", "cnn", "mlp", "lnmlp")
+    archs = ("resnet", "mlp") if args.quick else ("resnet", "cnn", "mlp", "lnmlp", "transformer")
     begin = time.perf_counter()
     cases: list[dict] = []
     skipped: dict[str, int] = {}

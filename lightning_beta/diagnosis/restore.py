@@ -247,8 +247,10 @@ def restore_from_probe(
 
     Returns:
         The result, with ``policy="restore"``; ``optimizer_steps`` counts L-BFGS iterations and ``stages`` holds one
-        dict per group: ``stage``, ``groups``, ``optimizer_steps``, ``evaluations``, ``wall_time_s`` and
-        ``probe_error`` ``{"input", "final"}`` (relative sketch errors, not squared).
+        dict per group: ``stage``, ``groups``, ``method`` (``"least squares"`` for a plain Linear, else
+        ``"L-BFGS"``), ``optimizer_steps``, ``evaluations``, ``wall_time_s``, ``n_params``, ``kept`` (whether
+        the fit was kept: one ending worse than it began is undone) and ``probe_error`` ``{"input", "final"}``
+        (relative sketch errors, not squared).
 
     Raises:
         ValueError: for a group the record does not hold or the model does not have as one module.
@@ -347,12 +349,12 @@ def restore_or_retrain(
 
     Example:
         >>> from lightning_beta.probe import record_probe
-        >>> _ = torch.manual_seed(0)
-        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-        >>> record = record_probe(net, torch.randn(64, 4), sketch_dim=8)
-        >>> broken = copy.deepcopy(net)
-        >>> _ = broken[2].weight.data.mul_(3.0)
-        >>> restore_or_retrain(broken, ["2"], record, train_dataloaders=None).policy  # restored: nothing retrained
+        >>> _ = torch.manual_seed(1)
+        >>> head = nn.Sequential(nn.Linear(5, 2))
+        >>> record = record_probe(head, torch.randn(32, 5), sketch_dim=4)
+        >>> flipped = copy.deepcopy(head)
+        >>> _ = flipped[0].weight.data.neg_()
+        >>> restore_or_retrain(flipped, ["0"], record, train_dataloaders=None).policy  # restored: nothing retrained
         'restore'
     """
     restored = restore_from_probe(model, layers, record, max_iter=max_iter, tolerance=tolerance, forward=forward)

@@ -54,16 +54,22 @@ def gpt2(seed=0):
     return transformers.GPT2LMHeadModel(config)
 
 
+def _padded(gen, shortest):
+    """Token ids of a random length in ``[shortest, T]``, padded with 0 at the end, and their attention mask."""
+    ids = torch.randint(1, VOCAB, (T,), generator=gen)
+    length = int(torch.randint(shortest, T + 1, (), generator=gen))
+    mask = (torch.arange(T) < length).long()
+    return ids * mask, mask
+
+
 def classification_samples(n=48, seed=0):
     """A list of per-sample dicts, the shape of a tokenized Hugging Face dataset (padding at the end)."""
     gen = torch.Generator().manual_seed(seed)
     samples = []
     for _ in range(n):
-        ids = torch.randint(1, VOCAB, (T,), generator=gen)
-        length = int(torch.randint(4, T + 1, (), generator=gen))
-        mask = (torch.arange(T) < length).long()
+        ids, mask = _padded(gen, 4)
         label = int(ids[0]) % CLASSES  # learnable from the first token
-        samples.append({"input_ids": ids * mask, "attention_mask": mask, "labels": torch.tensor(label)})
+        samples.append({"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(label)})
     return samples
 
 
@@ -72,12 +78,10 @@ def lm_samples(n=32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     samples = []
     for _ in range(n):
-        ids = torch.randint(1, VOCAB, (T,), generator=gen)
-        length = int(torch.randint(5, T + 1, (), generator=gen))
-        mask = (torch.arange(T) < length).long()
+        ids, mask = _padded(gen, 5)
         labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
         labels[0] = -100  # the first token is predicted from nothing
-        samples.append({"input_ids": ids * mask, "attention_mask": mask, "labels": labels})
+        samples.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return samples
 
 
