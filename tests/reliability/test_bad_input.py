@@ -26,10 +26,11 @@ from lightning_beta import BetaMomentumCallback, DampingRegimeMonitor, LayerAttr
 from lightning_beta.artifact import AttributionArtifact, GroupTotals, ReferenceStats, save_attribution
 from lightning_beta.callbacks.layer_attribution import check_strategy
 from lightning_beta.cli import main
-from lightning_beta.diagnosis import load_attribution, reference_statistics
+from lightning_beta.diagnosis import diagnose, load_attribution, reference_statistics
+from lightning_beta.diagnosis.restore import restore_from_probe
 from lightning_beta.functional import DampingRegime, SecantCurvature, classify_regime, critical_momentum, damping_ratio
 from lightning_beta.layer_groups import group_parameters
-from lightning_beta.probe import load_probe
+from lightning_beta.probe import ProbeRecord, load_probe, record_probe
 from lightning_beta.reference import record_reference
 from tests.helpers import TinyModel, make_loader, trainer_kwargs
 
@@ -52,6 +53,15 @@ def _fit(callbacks: list[Any], model: Any = None, **overrides: Any) -> Callable[
         trainer.fit(model() if model else TinyModel(), make_loader())
 
     return run
+
+
+def _linear() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 2))
+
+
+def _record() -> ProbeRecord:
+    return record_probe(_linear(), torch.randn(8, 2), sketch_dim=4)
 
 
 def _artifact() -> dict[str, Any]:
@@ -251,6 +261,13 @@ CASES: list[Case] = [
     Case("record_reference", 'feature_dim={"neck": 1}', ValueError, "`feature_dim` names unknown group(s) ['neck']; the groups are ['head']", lambda t: record_reference(None, TinyModel(), {"head": nn.Linear(2, 2)}, 1, feature_dim={"neck": 1})),
     Case("reference_statistics", 'feature_dim={"neck": 1}', ValueError, "`feature_dim` names unknown group(s) ['neck']; the groups are ['body', 'head']", lambda t: reference_statistics(TinyModel(), make_loader(), feature_dim={"neck": 1})),
     Case("reference_statistics", "feature_dim=1.5", TypeError, "`feature_dim` must be None, an int or a dict of group names to ints, got 1.5", lambda t: reference_statistics(TinyModel(), make_loader(), feature_dim=1.5)),  # type: ignore[arg-type]
+    # ---- diagnosis: the treatment
+    Case("diagnose", 'policy="often"', ValueError, "`policy` must be one of 'auto', 'fixed', 'search', 'restore', got 'often'", lambda t: diagnose(nn.Sequential(nn.Linear(2, 2)), make_loader(), make_loader(), policy="often")),  # type: ignore[arg-type]
+    Case("diagnose", 'policy="restore" without a probe', ValueError, '`policy="restore"` needs a probe: `probe=` a ProbeRecord, or `reference=` an artifact with one (LayerAttributionCallback(probe_samples > 0))', lambda t: diagnose(nn.Sequential(nn.Linear(2, 2)), make_loader(), make_loader(), policy="restore")),
+    Case("restore_from_probe", 'layers=["head"]', ValueError, "`layers` names unknown group(s) ['head']; the model's groups are ['0']", lambda t: restore_from_probe(_linear(), ["head"], _record())),
+    Case("restore_from_probe", "max_iter=0", ValueError, "`max_iter` must be >= 1, got 0", lambda t: restore_from_probe(_linear(), ["0"], _record(), max_iter=0)),
+    Case("restore_from_probe", "tolerance=-1", ValueError, "`tolerance` must be in [0.0, inf], got -1", lambda t: restore_from_probe(_linear(), ["0"], _record(), tolerance=-1)),
+    Case("restore_from_probe", "forward=3", TypeError, "`forward` must be None or a callable forward(model, inputs), got int", lambda t: restore_from_probe(_linear(), ["0"], _record(), forward=3)),  # type: ignore[arg-type]
     # ---- the command line: exit code 2 and this text on stderr
     Case("lightning-beta", "demo --epochs 0", CliError, "argument --epochs: expected a whole number >= 1, got 0", _cli("demo", "--epochs", "0")),
     Case("lightning-beta", "demo --epochs many", CliError, "argument --epochs: expected a whole number >= 1, got 'many'", _cli("demo", "--epochs", "many")),
