@@ -406,6 +406,12 @@ def diagnose(
     flagged = flag_layers(scores, ratio=ratio, top_k=top_k)
     if not flagged:
         reason = scores.message or "no group scored high enough to be flagged"
+        if scores.method == "probe":
+            reason += (
+                ". The model computes what it computed when the probe was recorded: if it does worse on new data,"
+                " the data changed, and `recommend_groups(model, new_loader, reference=old_loader)` proposes the"
+                " groups to fine-tune"
+            )
         return DiagnosisReport(scan, scores, flagged, message=f"nothing treated: {reason}", input_model=model)
     if policy == "auto":
         policy = "restore" if probe is not None and _holds(probe, model, flagged) else "fixed"

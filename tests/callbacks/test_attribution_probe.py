@@ -344,3 +344,15 @@ def test_the_callback_imports_no_diagnosis() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_diagnose_on_shifted_data_says_the_data_changed_not_the_model(tmp_path: Path) -> None:
+    cb = LayerAttributionCallback(dirpath=tmp_path, probe_samples=64)
+    lit, x, _ = _fit(tmp_path, cb)
+    art = load_attribution(tmp_path / "attribution.json")
+    _, loader = _images()
+    shifted = DataLoader(TensorDataset(-x, loader.dataset.tensors[1]), batch_size=16)  # inverted images
+    report = diagnose(lit.model, shifted, shifted, reference=art, max_epochs=1, logger=False)
+    assert report.flagged == [] and report.surgery is None and report.model is None
+    assert report.scores.method == "probe" and report.scores.degenerate
+    assert "the data changed" in (report.message or "") and "recommend_groups" in (report.message or "")
