@@ -253,12 +253,19 @@ class Capture:
     """
 
     def __init__(
-        self, modules: Mapping[str, nn.Module], n_samples: int, sketch: Callable[[str, Tensor], Tensor], inputs: bool
+        self,
+        modules: Mapping[str, nn.Module],
+        n_samples: int,
+        sketch: Callable[[str, Tensor], Tensor],
+        inputs: bool,
+        max_input_bytes: int | None = None,
     ) -> None:
         self.modules = modules
         self.n_samples = n_samples
         self.sketch = sketch
         self.inputs = inputs
+        self.max_input_bytes = max_input_bytes
+        self.input_bytes = 0  # of the inputs copied so far; past ``max_input_bytes`` every copy is dropped
         self.order: list[str] = []
         self.sketches: dict[str, Tensor] = {}
         self.shapes: dict[str, list[int]] = {}
@@ -281,8 +288,14 @@ class Capture:
 
     def _pre(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if name not in self.arguments:
-                self.arguments[name] = (cpu_copy(tuple(args)), cpu_copy(dict(kwargs)))
+            if name in self.arguments or not self.inputs:
+                return
+            self.input_bytes += sum(t.numel() * t.element_size() for t in tensors_of((args, kwargs)))
+            if self.max_input_bytes is not None and self.input_bytes > self.max_input_bytes:
+                self.inputs = False  # over the budget: keep none rather than some
+                self.arguments.clear()
+                return
+            self.arguments[name] = (cpu_copy(tuple(args)), cpu_copy(dict(kwargs)))
 
         return hook
 
@@ -313,9 +326,10 @@ def run_probe(
     sketch: Callable[[str, Tensor], Tensor],
     capture_inputs: bool,
     forward: Forward | None = None,
+    max_input_bytes: int | None = None,
 ) -> Capture:
     """One ``forward(model, inputs)`` in eval mode under ``torch.no_grad()``, with :class:`Capture` on ``modules``."""
-    capture = Capture(modules, batch_size(inputs), sketch, capture_inputs)
+    capture = Capture(modules, batch_size(inputs), sketch, capture_inputs, max_input_bytes)
     with evaluating(model), capture:
         (forward or default_forward)(model, to_device(inputs, model_device(model)))
     for name, calls in capture.calls.items():
@@ -354,6 +368,7 @@ def record_probe(
     replay: bool = True,
     max_samples: int = 256,
     forward: Forward | None = None,
+    max_replay_bytes: int | None = None,
 ) -> ProbeRecord:
     """Record each layer group's output on a fixed probe set, sketched, as the reference of ``probe_localize``.
 
@@ -379,6 +394,9 @@ def record_probe(
         forward: ``forward(model, inputs)`` runs the model on the probe inputs without side effects; the localizer
             needs the same. Defaults to ``None`` (:func:`~lightning_beta.reference.default_forward`: a tensor as
             ``model(x)``, a dict as keyword arguments).
+        max_replay_bytes: with ``replay``, the most bytes of group inputs to keep; past it none is kept (each
+            group's reason says so) and the localizer uses the first-change rule. ``None`` keeps them all.
+            Defaults to ``None``.
 
     Returns:
         The record; groups that could not be recorded (no readable output, a module run twice, or a module not
@@ -401,6 +419,7 @@ def record_probe(
     check_int("seed", seed, minimum=0)
     check_bool("replay", replay)
     check_int("max_samples", max_samples, minimum=1)
+    check_int("max_replay_bytes", max_replay_bytes, minimum=0, optional=True)
     check_forward(forward)
     group_by, params, modules = resolve_groups(model, groups)
     x = probe_inputs(inputs, max_samples, whole_batches=forward is not None)
@@ -411,12 +430,18 @@ def record_probe(
         fingerprints[name] = proj.flatten()[:4].cpu().tolist()
         return sketch_output(output, proj).float().cpu()
 
-    capture = run_probe(model, x, modules, sketch, replay, forward)
+    capture = run_probe(model, x, modules, sketch, replay, forward, max_replay_bytes)
     reasons = {name: "the group is not one module's parameters" for name in params if name not in modules}
     reasons.update(capture.reasons)
     order = [name for name in capture.order if name not in reasons]
     replay_inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-    for name in order if replay else []:
+    over = replay and not capture.inputs  # the budget ran out: no group keeps its inputs
+    for name in order if over else []:
+        reasons[name] = (
+            f"recorded without replay inputs: the groups' inputs on the probe set exceed `max_replay_bytes`"
+            f" ({max_replay_bytes} bytes)"
+        )
+    for name in order if replay and not over else []:
         if storable(capture.arguments[name]):
             replay_inputs[name] = capture.arguments[name]
         else:

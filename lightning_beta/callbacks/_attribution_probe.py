@@ -24,6 +24,9 @@ from lightning_beta.layer_groups import GroupBy
 from lightning_beta.probe import ProbeRecord, record_probe
 from lightning_beta.reference import Forward, isolated_rng
 
+#: ``probe_replay="auto"``: the most bytes of group inputs a probe keeps for the replay rule.
+AUTO_REPLAY_BYTES = 64 * 2**20
+
 
 def record_fit_probe(
     trainer: Any,
@@ -31,7 +34,7 @@ def record_fit_probe(
     group_by: GroupBy,
     n_samples: int,
     sketch_dim: int,
-    replay: bool,
+    replay: bool | str,
     forward: Forward | None,
 ) -> tuple[ProbeRecord | None, str | None]:
     """The probe record of the fitted ``pl_module`` on its first ``n_samples`` training samples, or why there is none.
@@ -62,9 +65,10 @@ def record_fit_probe(
                 batches(),
                 groups=group_by,
                 sketch_dim=sketch_dim,
-                replay=replay,
+                replay=bool(replay),
                 max_samples=n_samples,
                 forward=forward,
+                max_replay_bytes=AUTO_REPLAY_BYTES if replay == "auto" else None,
             )
     except Exception as err:  # the fit is over: a failed probe costs the probe only
         reason = f"{type(err).__name__}: {err}"

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation
 from torch import Tensor, nn
 
-from lightning_beta._checks import check_bool, check_int, check_state_version
+from lightning_beta._checks import check_int, check_state_version
 from lightning_beta._gradients import grad_scaler, is_distributed_tensor, local_tensor, pending_scale
 from lightning_beta._logging import is_logging_step, log_epoch, log_step
 from lightning_beta._optim import unwrap_optimizer
@@ -132,8 +132,10 @@ class LayerAttributionCallback(pl.Callback):
         probe_samples: training samples of the probe; 0 records none. Defaults to ``256``.
         probe_sketch_dim: numbers per sample in each group's sketched output; the restore treatment needs it wide
             (docs/method.md, section 4). Defaults to ``256``.
-        probe_replay: also keep each group's inputs for the replay rule of ``probe_localize`` (large for
-            transformers: every group's full input on the probe set). Defaults to ``False``.
+        probe_replay: also keep each group's inputs for the replay rule of ``probe_localize``, which names the
+            changed group exactly even when the whole model moved since the recording: ``True``, ``False``, or
+            ``"auto"`` (kept while all groups' inputs on the probe set take at most 64 MiB, which a long-sequence
+            transformer exceeds; else none, and the first-change rule). Defaults to ``"auto"``.
 
     Raises:
         ValueError: for a bad ``group_by`` (see :func:`~lightning_beta.layer_groups.check_group_by`), a
@@ -161,7 +163,7 @@ class LayerAttributionCallback(pl.Callback):
         filename: str = "attribution.json",
         probe_samples: int = 256,
         probe_sketch_dim: int = 256,
-        probe_replay: bool = False,
+        probe_replay: bool | str = "auto",
     ) -> None:
         # A depth given as digits on the command line (LightningCLI) becomes the int it means.
         group_by = check_group_by(group_by)
@@ -183,7 +185,8 @@ class LayerAttributionCallback(pl.Callback):
             raise ValueError(f"`filename` must be a non-empty file name without a directory, got {filename!r}")
         check_int("probe_samples", probe_samples, minimum=0)
         check_int("probe_sketch_dim", probe_sketch_dim, minimum=1)
-        check_bool("probe_replay", probe_replay)
+        if probe_replay != "auto" and not isinstance(probe_replay, bool):
+            raise TypeError(f'`probe_replay` must be True, False or "auto", got {probe_replay!r}')
         self.group_by = group_by
         self.norm_type = float(norm_type)
         self.reference_batches = reference_batches

@@ -99,7 +99,11 @@ def test_probe_file_matches_an_independent_recomputation_and_changes_nothing(tmp
     assert load_probe(path).order == record.order == art.load_probe().order
     assert record.order == ["model.stem", "model.block", "model.head"]
     # The first training batches (16 + 16 + 8 of the third), as the loader gives them.
-    assert torch.equal(record.inputs, x[:40]) and record.replay_inputs == {} and record.sketch_dim == 8
+    assert torch.equal(record.inputs, x[:40]) and record.sketch_dim == 8
+    # probe_replay="auto": a small model's group inputs are kept (the stem's is the images themselves).
+    assert set(record.replay_inputs) == set(record.order) and torch.equal(
+        record.replay_inputs["model.stem"][0][0], x[:40]
+    )
 
     outputs: dict[str, Tensor] = {}
     hooks = [
@@ -356,3 +360,14 @@ def test_diagnose_on_shifted_data_says_the_data_changed_not_the_model(tmp_path: 
     assert report.flagged == [] and report.surgery is None and report.model is None
     assert report.scores.method == "probe" and report.scores.degenerate
     assert "the data changed" in (report.message or "") and "recommend_groups" in (report.message or "")
+
+
+def test_auto_replay_drops_the_inputs_past_its_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_beta.callbacks import _attribution_probe
+
+    monkeypatch.setattr(_attribution_probe, "AUTO_REPLAY_BYTES", 40 * 64 * 4)  # the images alone: 40 x 1 x 8 x 8
+    cb = LayerAttributionCallback(dirpath=tmp_path / "run", probe_samples=40)
+    _fit(tmp_path, cb)
+    record = load_probe(tmp_path / "run" / "attribution.json")
+    assert record.replay_inputs == {} and record.order == ["model.stem", "model.block", "model.head"]
+    assert "exceed `max_replay_bytes` (10240 bytes)" in record.reasons["model.block"]

@@ -341,3 +341,16 @@ def test_localizer_probe_without_any_probe_says_where_one_comes_from() -> None:
     art = AttributionArtifact({"0": 80}, {}, [], [], [], {"0": empty}, empty)  # no probe_path
     with pytest.raises(ValueError, match=r"or `reference=` an artifact with a probe"):
         diagnose(net, loader, loader, localizer="probe", reference=art, top_k=1)
+
+
+def test_replay_inputs_are_kept_within_a_budget_or_not_at_all():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(32, 4)
+    whole = record_probe(net, x)  # inputs of the groups "0" and "2": 32 x 4 and 32 x 8 float32 = 1536 bytes
+    assert set(whole.replay_inputs) == {"0", "2"}
+    assert record_probe(net, x, max_replay_bytes=1536).replay_inputs.keys() == {"0", "2"}
+    over = record_probe(net, x, max_replay_bytes=1535)
+    assert over.replay_inputs == {} and over.order == ["0", "2"]
+    assert all("exceed `max_replay_bytes` (1535 bytes)" in over.reasons[name] for name in ("0", "2"))
+    torch.testing.assert_close(over.sketches["2"], whole.sketches["2"])  # the sketches do not depend on it

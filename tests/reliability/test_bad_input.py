@@ -210,7 +210,7 @@ CASES: list[Case] = [
     Case(L, "probe_samples=-1", ValueError, "`probe_samples` must be >= 0, got -1", lambda t: LayerAttributionCallback(probe_samples=-1)),
     Case(L, "probe_samples=0.5", TypeError, "`probe_samples` must be an int, got float", lambda t: LayerAttributionCallback(probe_samples=0.5)),  # type: ignore[arg-type]
     Case(L, "probe_sketch_dim=0", ValueError, "`probe_sketch_dim` must be >= 1, got 0", lambda t: LayerAttributionCallback(probe_sketch_dim=0)),
-    Case(L, 'probe_replay="yes"', TypeError, "`probe_replay` must be a bool, got str", lambda t: LayerAttributionCallback(probe_replay="yes")),  # type: ignore[arg-type]
+    Case(L, 'probe_replay="yes"', TypeError, "`probe_replay` must be True, False or \"auto\", got 'yes'", lambda t: LayerAttributionCallback(probe_replay="yes")),  # type: ignore[arg-type]
     Case(L, "fit with a module named total", MisconfigurationException, "LayerAttributionCallback: a layer group is named 'total', which clashes with the `grad_norm/total` key. Pass `group_by` as a dict to name the groups.", _fit([LayerAttributionCallback()], HasTotal)),
     Case(L, "fit under FSDPStrategy", MisconfigurationException, "LayerAttributionCallback does not support the sharded strategy FSDPStrategy: each rank holds only a shard of each gradient, so its norms would be wrong. Use DDP or a single device.", lambda t: check_strategy(FSDPStrategy())),
     Case(L, "load_state_dict of version 0", ValueError, "LayerAttributionCallback state has version 0; this release reads version 1. Resume with the release that wrote the checkpoint, or start the fit without it (`ckpt_path=None`).", lambda t: LayerAttributionCallback().load_state_dict({"version": 0})),
