@@ -270,20 +270,23 @@ def _run_diagnose(args: argparse.Namespace) -> int:
         except Exception as err:  # a checkpoint of another class, or not a checkpoint at all
             reason = f"{type(err).__name__}: {_first_line(err).rstrip(':')}"
             raise UsageError(f"{args.checkpoint}: cannot load it as {args.model} ({reason})") from None
-        report, is_global_zero = diagnose_checkpoint(
-            model,
-            datamodule,
-            checkpoint=args.checkpoint,
-            artifact=artifact,
-            localizer=args.localizer,
-            policy=args.policy,
-            top_k=args.top_k,
-            max_epochs=args.max_epochs,
-            lr=args.lr,
-            baseline=args.baseline,
-            accelerator=args.accelerator,
-            devices=args.devices,
-        )
+        try:
+            report, is_global_zero = diagnose_checkpoint(
+                model,
+                datamodule,
+                checkpoint=args.checkpoint,
+                artifact=artifact,
+                localizer=args.localizer,
+                policy=args.policy,
+                top_k=args.top_k,
+                max_epochs=args.max_epochs,
+                lr=args.lr,
+                baseline=args.baseline,
+                accelerator=args.accelerator,
+                devices=args.devices,
+            )
+        except (ValueError, TypeError, FileNotFoundError) as err:  # the model, data and artifact do not fit
+            raise UsageError(_first_line(err)) from None
     if is_global_zero:
         write_report(report, args.out)
         print(report.to_markdown())

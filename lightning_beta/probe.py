@@ -72,6 +72,9 @@ class ProbeRecord:
         reasons: group name to why it was not recorded (or recorded without replay inputs).
         fingerprints: group name to the first entries of its projection, to check that the generator still draws
             the same matrix when the record is loaded by another torch release.
+        weight_norms: group name to the L2 norm of its parameters at recording (every group of the model, the
+            unrecorded included), to tell a fault in a few groups from a record made on another run; empty in
+            records of release 0.1.
         version: :data:`PROBE_VERSION`.
     """
 
@@ -85,6 +88,7 @@ class ProbeRecord:
     replay_inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
     fingerprints: dict[str, list[float]] = field(default_factory=dict)
+    weight_norms: dict[str, float] = field(default_factory=dict)
     version: int = PROBE_VERSION
 
     @property
@@ -123,6 +127,7 @@ class ProbeRecord:
             "replay_inputs": {k: (tuple(a), dict(kw)) for k, (a, kw) in self.replay_inputs.items()},
             "reasons": dict(self.reasons),
             "fingerprints": dict(self.fingerprints),
+            "weight_norms": dict(self.weight_norms),
         }
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         try:
@@ -160,6 +165,7 @@ class ProbeRecord:
             replay_inputs={k: (tuple(a), dict(kw)) for k, (a, kw) in state["replay_inputs"].items()},
             reasons=dict(state["reasons"]),
             fingerprints=dict(state["fingerprints"]),
+            weight_norms={k: float(v) for k, v in state.get("weight_norms", {}).items()},
             version=int(state["version"]),
         )
 
@@ -353,6 +359,19 @@ def resolve_groups(model: Any, groups: GroupBy | None) -> tuple[GroupBy, dict[st
     return group_by, params, group_modules(model, params)
 
 
+def weight_norms(model: nn.Module, groups: Mapping[str, list[str]]) -> dict[str, float]:
+    """The L2 norm of each group's parameters (in float64, on the host); empty for sharded (DTensor) parameters."""
+    named = dict(model.named_parameters())
+    if any(hasattr(p, "placements") for p in named.values()):  # a shard's norm is not the tensor's
+        return {}
+    norms = {}
+    with torch.no_grad():
+        for name, params in groups.items():
+            total = sum(float(named[p].detach().double().pow(2).sum()) for p in params if p in named)
+            norms[name] = math.sqrt(total)
+    return norms
+
+
 def check_forward(forward: Any) -> None:
     """Raise ``TypeError`` unless ``forward`` is ``None`` or a callable."""
     if forward is not None and not callable(forward):
@@ -459,4 +478,5 @@ def record_probe(
         replay_inputs=replay_inputs,
         reasons=reasons,
         fingerprints={name: fingerprints[name] for name in order},
+        weight_norms=weight_norms(model, params),
     )

@@ -72,7 +72,7 @@ def record_fit_probe(
             )
     except Exception as err:  # the fit is over: a failed probe costs the probe only
         reason = f"{type(err).__name__}: {err}"
-        if forward is None:
+        if forward is None and isinstance(err, (TypeError, NotImplementedError)):  # the forward does not take it
             reason += (
                 " (a LightningModule whose `forward` does not take the batch's inputs needs"
                 " `LayerAttributionCallback(reference_forward=...)`)"

@@ -329,6 +329,7 @@ def diagnose_checkpoint(
     Returns:
         The report and whether this process is global rank zero (the one to write it).
     """
+    model = _network(model)
     datamodule.prepare_data()
     datamodule.setup("fit")
     train_loader, val_loader = datamodule.train_dataloader(), datamodule.val_dataloader()
@@ -351,6 +352,14 @@ def diagnose_checkpoint(
         devices=parse_devices(devices),
     )
     return report, getattr(rank_zero_only, "rank", 0) == 0  # set by the Trainers of the fits
+
+
+def _network(model: pl.LightningModule) -> Any:
+    """The LightningModule itself, or, when it defines no ``forward``, the one child module holding parameters."""
+    if type(model).forward is not pl.LightningModule.forward:
+        return model
+    children = [child for _, child in model.named_children() if next(child.parameters(), None) is not None]
+    return children[0] if len(children) == 1 else model  # else diagnose says what to pass
 
 
 def write_report(report: DiagnosisReport, out: Path) -> None:

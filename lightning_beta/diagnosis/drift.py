@@ -319,7 +319,14 @@ def _check_reference(
             f" {recorded}, the model's are {dict(sizes)}"
         )
     if not stats:
-        raise ValueError("`reference` holds no statistics (was the artifact written with `reference_batches=0`?)")
+        skipped = getattr(reference, "reference_skipped", None)
+        why = (
+            f"the reference pass could not read group(s) {skipped} at the end of the fit (the fit warned why; a"
+            " LightningModule without a `forward` of its own needs `LayerAttributionCallback(reference_forward=...)`)"
+            if skipped and getattr(reference, "reference_batches", 0) != 0
+            else "was the artifact written with `reference_batches=0`?"
+        )
+        raise ValueError(f"`reference` holds no statistics: {why}")
     return {mapping[name]: value for name, value in stats.items()}, prefix
 
 

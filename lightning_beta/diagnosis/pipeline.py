@@ -253,6 +253,19 @@ def _restore_markdown(surgery: SurgeryResult) -> str:
     return "\n".join(lines)
 
 
+def _check_forward_defined(model: nn.Module) -> None:
+    """Refuse, before any work, a module without a ``forward`` of its own (a LightningModule that only trains)."""
+    forward = getattr(type(model), "forward", None)
+    if getattr(forward, "__qualname__", "") in ("Module._forward_unimplemented", "LightningModule.forward"):
+        holds = [name for name, child in model.named_children() if next(child.parameters(), None) is not None]
+        example = f"`{type(model).__name__.lower()}.{holds[0]}`" if holds else "the network it holds"
+        raise TypeError(
+            f"`model` ({type(model).__name__}) defines no `forward`, and every step of the diagnosis runs the model:"
+            f" pass the network it holds, e.g. {example} (a reference or probe recorded on the LightningModule is"
+            " matched to it without the attribute's prefix)"
+        )
+
+
 def _holds(probe: ProbeRecord, model: nn.Module, groups: Sequence[str]) -> bool:
     """Whether the probe record holds every one of ``groups`` of ``model`` (a wrapper's prefix stripped)."""
     try:
@@ -391,6 +404,7 @@ def diagnose(
     """
     check_choice("localizer", localizer, LOCALIZERS)
     check_choice("policy", policy, POLICIES)
+    _check_forward_defined(model)
     check_trainer_kwargs("diagnose", trainer_kwargs)
     scan = scan_history(history) if history is not None else None
     if probe is None and isinstance(reference, AttributionArtifact) and reference.probe_path is not None:

@@ -63,6 +63,7 @@ from lightning_beta.probe import (
     run_probe,
     sketch_output,
     to_device,
+    weight_norms,
 )
 from lightning_beta.reference import Forward, evaluating, output_tensor
 
@@ -160,13 +161,43 @@ def probe_localize(
     order = [names[name] for name in record.order]
     scores, message = _rule(order, params, output, own, tolerance)
     details = {"output": output, **({"own": own} if own else {})}
+    moved, note_weights = _weights_moved(model, params, record, names)
+    if moved:
+        details["weights"] = moved
     return LayerScores(
         scores=scores,
         method="probe",
         n_params=group_sizes(model, params),
         details=details,
         n_samples=record.n_samples,
-        message="; ".join(m for m in (note, message) if m) or None,
+        message="; ".join(m for m in (note, message, note_weights) if m) or None,
+    )
+
+
+def _weights_moved(
+    model: nn.Module, params: Mapping[str, list[str]], record: ProbeRecord, names: Mapping[str, str]
+) -> tuple[dict[str, float], str | None]:
+    """Each group's relative change of weight norm since the recording, and a note when most groups changed.
+
+    A fault sits in one group or a few; when the weights of most groups differ, the record is of another run (or the
+    model was trained on after it), and a first changed group says little.
+    """
+    if not record.weight_norms:
+        return {}, None
+    prefix = {group: name for name, group in names.items()}
+    now = weight_norms(model, params)
+    moved = {}
+    for group, value in now.items():
+        recorded = record.weight_norms.get(prefix.get(group, group))
+        if recorded is not None:
+            moved[group] = abs(value - recorded) / recorded if recorded > 0 else (0.0 if value == 0 else math.inf)
+    changed = [group for group, value in moved.items() if value > 1e-6]
+    if len(changed) < 2 or 2 * len(changed) <= len(moved):
+        return moved, None
+    return moved, (
+        f"the weights of {len(changed)} of {len(moved)} groups differ from those the probe was recorded with: the"
+        " record is of another run, or the model was trained on after it (a fault changes one group or a few);"
+        " check that this is the artifact of this model"
     )
 
 
@@ -254,6 +285,15 @@ def _rule(
         notes.append(f"group(s) {downstream} run after a changed group and were not replayed: not scored")
     if unscored:
         notes.append(f"group(s) {unscored} are not in the record or gave no readable output: not scored")
-    if all(value == 0 for value in scores.values()):
+    changed = max((v for v in output.values() if math.isfinite(v)), default=0.0)
+    if all(value == 0 for value in scores.values()) and changed > tolerance and unscored:
+        # Every scored group reproduces its own function, yet outputs moved: only an unscored group can be the cause.
+        for name in unscored:
+            scores[name] = changed
+        notes.append(
+            f"no scored group changed its own function, but outputs changed (up to {changed:.3g}): the cause is in"
+            f" a group that could not be scored, {unscored}, which are scored with that change"
+        )
+    elif all(value == 0 for value in scores.values()):
         notes.append(f"no group's function changed by more than the tolerance {tolerance:g} on the probe set")
     return scores, "; ".join(notes) or None

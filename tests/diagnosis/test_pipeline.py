@@ -119,3 +119,17 @@ def test_epochs_and_trainer_arguments(tmp_path):
         diagnose(net, data, data, epochs=2)
     with pytest.raises(TypeError, match="`trainer_kwargs` is an argument of neither diagnose nor Trainer: pass"):
         diagnose(net, data, data, trainer_kwargs={"max_epochs": 2})
+
+
+def test_a_lightning_module_without_forward_is_refused_before_any_work():
+    import lightning.pytorch as pl
+
+    class Lit(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = nn.Linear(4, 2)
+
+    with pytest.raises(
+        TypeError, match=r"`model` \(Lit\) defines no `forward`.*pass the network it holds, e.g. `lit.model`"
+    ):
+        diagnose(Lit(), [], [])

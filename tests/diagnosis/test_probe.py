@@ -354,3 +354,47 @@ def test_replay_inputs_are_kept_within_a_budget_or_not_at_all():
     assert over.replay_inputs == {} and over.order == ["0", "2"]
     assert all("exceed `max_replay_bytes` (1535 bytes)" in over.reasons[name] for name in ("0", "2"))
     torch.testing.assert_close(over.sketches["2"], whole.sketches["2"])  # the sketches do not depend on it
+
+
+class _Tokens(nn.Module):
+    """A ViT-like model: a position table held by the root, added before the first block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.pos = nn.Parameter(torch.randn(6, 8))
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.embed(x) + self.pos).mean(1))
+
+
+def test_a_change_in_a_group_that_cannot_be_scored_is_blamed_on_it():
+    torch.manual_seed(0)
+    net = _Tokens()
+    record = record_probe(net, torch.randn(32, 6, 4))
+    assert "pos" not in record.order  # a parameter of the root is no module: not recorded
+    with torch.no_grad():
+        net.pos.copy_(net.pos.flip(0))  # the positions shuffled
+    scores = probe_localize(net, record)
+    # Every recorded group reproduces its own function on its recorded input, yet the outputs moved.
+    assert scores.details["own"]["block"] == 0.0 and scores.details["output"]["head"] > 0.1
+    assert scores.ranking[0] == "pos" and scores.scores["pos"] == max(scores.details["output"].values())
+    assert "the cause is in a group that could not be scored, ['pos']" in (scores.message or "")
+
+
+def test_a_record_of_another_run_is_pointed_out():
+    torch.manual_seed(0)
+    ours = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    other = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))  # same shapes
+    x = torch.randn(32, 4)
+    record = record_probe(other, x)
+    scores = probe_localize(ours, record)
+    assert "the weights of 3 of 3 groups differ from those the probe was recorded with" in (scores.message or "")
+    assert all(value > 0 for value in scores.details["weights"].values())
+    with torch.no_grad():
+        other[2].weight.mul_(2.0)  # a fault in one group: no such note
+    faulty = probe_localize(other, record)
+    assert "differ from those the probe was recorded" not in (faulty.message or "")
+    assert faulty.details["weights"]["2"] > 0 and faulty.details["weights"]["0"] == 0.0
