@@ -89,7 +89,7 @@ def render_diagnosis(data: dict[str, Any], source: str = "<json>", markdown: boo
         rows = []
         for label, run, check in (
             ("surgery", data.get("surgery"), data.get("verification")),
-            ("full retraining", data.get("baseline"), data.get("baseline_verification")),
+            ("every group (baseline)", data.get("baseline"), data.get("baseline_verification")),
         ):
             if run and check:
                 rows.append(

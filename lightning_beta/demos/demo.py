@@ -163,7 +163,8 @@ class DemoResult:
             lines.append(
                 f"  compute (measured): {surgery.wall_time_s:.2f} s = {surgery.wall_time_s / train_s:.1%} of the beta"
                 f" run's training ({train_s:.1f} s); {surgery.n_params_trained} parameters"
-                f" ({surgery.fraction_trained:.1%}) fitted, {surgery.optimizer_steps} optimizer steps"
+                f" ({surgery.fraction_trained:.1%}) fitted, {surgery.optimizer_steps}"
+                f" {'L-BFGS iterations on the probe inputs' if surgery.policy == 'restore' else 'optimizer steps'}"
             )
         return lines
 

@@ -81,7 +81,7 @@ class DiagnosisReport:
         flagged: the groups treated.
         surgery: the treatment, ``None`` when nothing was flagged.
         verification: treated model vs the input on the validation set, ``None`` when nothing was flagged.
-        baseline: full retraining (every group, same recipe), when asked for.
+        baseline: every group retrained from the input weights with the same recipe, when asked for.
         baseline_verification: the baseline vs the input on the validation set.
         message: why nothing was treated, or that the treatment made the model worse, if so.
         input_model: the model given to :func:`diagnose` (not modified), returned by :attr:`model` when the
@@ -155,7 +155,7 @@ class DiagnosisReport:
             out += [self.message, ""]
         rows = [
             ("surgery", self.surgery, self.verification),
-            ("full retraining", self.baseline, self.baseline_verification),
+            ("every group (baseline)", self.baseline, self.baseline_verification),
         ]
         if self.surgery is not None:
             table = [
@@ -183,10 +183,15 @@ class DiagnosisReport:
                 out += ["", f"**Worse**: {self.message}"]
             compute = self.compute
             if compute is not None:
+                steps = (
+                    "; its steps are L-BFGS iterations on the probe set, not comparable with the baseline's"
+                    if self.surgery.policy.startswith("restore")
+                    else f" and {compute['steps_fraction']:.1%} of its optimizer steps"
+                )
                 out += [
                     "",
-                    f"surgery used {compute['time_fraction']:.1%} of full retraining's wall time and"
-                    f" {compute['steps_fraction']:.1%} of its optimizer steps (measured).",
+                    f"surgery used {compute['time_fraction']:.1%} of the baseline's wall time (measured; the baseline"
+                    f" retrains every group from the input weights for the same epochs, not from scratch){steps}.",
                 ]
         return "\n".join(out) + "\n"
 
