@@ -170,7 +170,9 @@ def run_family(arch: str, family: str, net: nn.Module, ref: dict, target: Tensor
         "wall": sum(s[2] for s in singles.values()),
         "group": best,
     }
-    rec = recommend_groups(model, adapt, ref, held, probe_steps=args.probe_steps, lr=args.probe_lr)
+    rec = recommend_groups(
+        model, adapt, ref, held, max_candidates=args.max_candidates, probe_steps=args.probe_steps, lr=args.probe_lr
+    )
     ours = fine_tune(model, adapt, rec.groups, steps, lr)
     rows["ours"] = {
         "acc": accuracy(ours.model, test),
@@ -266,6 +268,7 @@ def main() -> None:
     parser.add_argument("--probe-steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--probe-lr", type=float, default=1e-2)
+    parser.add_argument("--max-candidates", type=int, default=4, help="groups recommend_groups probes")
     parser.add_argument("--splits", default="design,held-out", help="comma-separated: design, held-out")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -304,8 +307,8 @@ def main() -> None:
         "",
         "Clean digits models adapted to shifted digits with a fixed budget of"
         f" {args.steps} Adam steps (lr {args.lr}, batch 32) per fine-tuning run; our probes take"
-        f" {args.probe_steps} steps per candidate (at most 4). Accuracy on the shifted test split, mean over"
-        f" {len(seeds)} seed(s). Clean accuracy on the target half before shifting: "
+        f" {args.probe_steps} steps per candidate (at most {args.max_candidates}). Accuracy on the shifted test"
+        f" split, mean over {len(seeds)} seed(s). Clean accuracy on the target half before shifting: "
         + ", ".join(f"{a} {statistics.mean(v):.3f}" for a, v in clean_acc.items())
         + ". Goals per run: ours within 2 points of the oracle with no more parameters trained, and ahead of"
         " Auto-RGN. The oracle's steps and wall time are those of all its single-group runs.",

@@ -305,7 +305,7 @@ def recommend_groups(
         max_candidates: groups probed, ``>= 1``. Defaults to ``4``.
         probe_steps: optimizer steps per probe, ``>= 1``. Defaults to ``30``.
         lr: the probes' Adam learning rate. Defaults to ``1e-2``.
-        tolerance: accuracy a smaller group may give up against the best probe. Defaults to ``0.01``.
+        tolerance: accuracy a smaller group may give up against the best probe. Defaults to ``0.02``.
         drift_threshold: added drift below which a group is said not to drift. Defaults to ``0.25``.
         group_by: layer groups. Defaults to ``"auto"``.
         loss_fn: per-element loss. Defaults to cross-entropy.

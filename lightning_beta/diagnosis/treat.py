@@ -55,27 +55,30 @@ FIT_NOISE = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # torch's FutureWarning from inside Lightning's own code
 )
 #: The loggers of Lightning's info lines (``GPU available: ...``, the litlogger tip, ``Trainer.fit` stopped``).
-_LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
-_SUMMARY_LOGGER = "lightning.pytorch.callbacks.model_summary"
+#: Both namespaces: once ``pytorch_lightning`` is imported, Lightning's own info lines go through its loggers.
+_LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+_SUMMARY_LOGGERS = ("lightning.pytorch.callbacks.model_summary", "pytorch_lightning.callbacks.model_summary")
 
 
 @contextmanager
 def quiet_fit(trainer_kwargs: Mapping[str, Any]) -> Iterator[None]:
     """Silence Lightning's console noise around one internal fit: the warnings of :data:`FIT_NOISE` and info lines.
 
-    Inside, the ``lightning.pytorch`` and ``lightning.fabric`` loggers are at ``WARNING`` at least (their levels are
-    restored afterwards, also after an error), and :data:`FIT_NOISE` is ignored by ``warnings.catch_warnings``;
-    every other warning, ours included, is shown as usual. A model summary the caller asks for
-    (``enable_model_summary=True``) is still logged.
+    Inside, the ``lightning.pytorch`` and ``lightning.fabric`` loggers (and those of ``pytorch_lightning``, which
+    Lightning's info lines go through once it is imported) are at ``WARNING`` at least (their levels are restored
+    afterwards, also after an error), and :data:`FIT_NOISE` is ignored by ``warnings.catch_warnings``; every other
+    warning, ours included, is shown as usual. A model summary the caller asks for (``enable_model_summary=True``)
+    is still logged.
     """
     loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
-    summary = logging.getLogger(_SUMMARY_LOGGER)
-    levels = [(logger, logger.level) for logger in [*loggers, summary]]
+    summaries = [logging.getLogger(name) for name in _SUMMARY_LOGGERS]
+    levels = [(logger, logger.level) for logger in [*loggers, *summaries]]
     try:
         for logger in loggers:
             logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
         if trainer_kwargs.get("enable_model_summary"):
-            summary.setLevel(logging.INFO)
+            for summary in summaries:
+                summary.setLevel(logging.INFO)
         with warnings.catch_warnings():
             for pattern in FIT_NOISE:
                 warnings.filterwarnings("ignore", message=pattern)

@@ -334,8 +334,9 @@ def test_ddp_rank_zero_saves_its_own_probe(tmp_path: Path) -> None:
     with torch.no_grad():  # the main process holds rank zero's final weights
         body = model.body(record.inputs)
         head = model.head(body)
-    torch.testing.assert_close(record.sketches["body"], body @ _projection(0, "body", 16, 64), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(record.sketches["head"], head @ _projection(0, "head", 2, 64), rtol=1e-5, atol=1e-5)
+    k = cb.probe_sketch_dim
+    torch.testing.assert_close(record.sketches["body"], body @ _projection(0, "body", 16, k), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(record.sketches["head"], head @ _projection(0, "head", 2, k), rtol=1e-5, atol=1e-5)
 
 
 def test_the_callback_imports_no_diagnosis() -> None:

@@ -116,7 +116,7 @@ def demo_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def test_demo_prints_table_and_tensorboard_line(demo_out):
     out, stdout = demo_out
     assert "steps to 90% val accuracy" in stdout and "constant 0.9" in stdout and "beta schedule" in stdout
-    assert "flagged groups:" in stdout and "surgery: fixed" in stdout
+    assert "group named first: probe (ours) net.layer2 (right)" in stdout and "treatment (restore net.layer2)" in stdout
     assert f"tensorboard --logdir {out.resolve()}" in stdout
 
 
