@@ -268,7 +268,7 @@ def main() -> None:
     parser.add_argument("--probe-steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--probe-lr", type=float, default=1e-2)
-    parser.add_argument("--max-candidates", type=int, default=4, help="groups recommend_groups probes")
+    parser.add_argument("--max-candidates", type=int, default=6, help="groups recommend_groups probes")
     parser.add_argument("--splits", default="design,held-out", help="comma-separated: design, held-out")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
