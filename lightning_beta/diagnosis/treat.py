@@ -10,6 +10,8 @@ error gradient instead (a masked update). Retraining every group is the full-ret
 Two policies: ``"fixed"`` (the default) retrains for ``max_epochs`` at ``lr``; ``"search"``
 (:mod:`lightning_beta.diagnosis.repair`) chooses the lr on a held-out split of the training data, re-initialises or
 widens to neighbour groups when retraining fails, and stops early, within ``budget`` of full retraining's steps.
+Without retraining, :mod:`lightning_beta.diagnosis.restore` fits a flagged group back to its probe record, which
+``diagnose(policy="auto")`` prefers when a probe is at hand.
 """
 
 from __future__ import annotations
