@@ -87,7 +87,8 @@ def _batch_inputs(batch: Any, whole: bool) -> Any:
     if not _is_batch(inputs):
         raise TypeError(
             "`inputs` as an iterable must yield tensors, dicts of tensors or (inputs, targets) tuples/lists, got a"
-            f" batch of {type(inputs).__name__}"
+            f" batch of {type(inputs).__name__}; with a `forward` (LayerAttributionCallback's `reference_forward`)"
+            " the whole batches are kept, whatever they hold"
         )
     return inputs
 

@@ -491,7 +491,11 @@ def record_reference(
 
 
 def _listing(reasons: Mapping[str, str]) -> str:
-    return "; ".join(f"{name!r}: {why}" for name, why in reasons.items())
+    """``'a', 'b': why; 'c': other``: the groups that share a reason listed once with it."""
+    groups: dict[str, list[str]] = {}
+    for name, why in reasons.items():
+        groups.setdefault(why, []).append(repr(name))
+    return "; ".join(f"{', '.join(names)}: {why}" for why, names in groups.items())
 
 
 def _reduce(

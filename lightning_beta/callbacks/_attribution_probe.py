@@ -24,6 +24,15 @@ from lightning_beta.layer_groups import GroupBy
 from lightning_beta.probe import ProbeRecord, record_probe
 from lightning_beta.reference import Forward, isolated_rng
 
+
+def _raised_by_forward(err: BaseException) -> bool:
+    """Whether ``err`` came from running the model, not from reading the batches (the hint is about the former)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is None or not tb.tb_frame.f_code.co_filename.endswith("_probe_inputs.py")
+
+
 #: ``probe_replay="auto"``: the most bytes of group inputs a probe keeps for the replay rule.
 AUTO_REPLAY_BYTES = 64 * 2**20
 
@@ -72,7 +81,7 @@ def record_fit_probe(
             )
     except Exception as err:  # the fit is over: a failed probe costs the probe only
         reason = f"{type(err).__name__}: {err}"
-        if forward is None and isinstance(err, (TypeError, NotImplementedError)):  # the forward does not take it
+        if forward is None and isinstance(err, (TypeError, NotImplementedError)) and _raised_by_forward(err):
             reason += (
                 " (a LightningModule whose `forward` does not take the batch's inputs needs"
                 " `LayerAttributionCallback(reference_forward=...)`)"

@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lightning_beta._checks import check_choice
 from lightning_beta._text import json_safe, markdown_table
 from lightning_beta.artifact import AttributionArtifact
+from lightning_beta.diagnosis._batches import iter_batches, model_device, run_model
 from lightning_beta.diagnosis._outputs import LossFn, Predict
 from lightning_beta.diagnosis.drift import Reference, activation_drift
 from lightning_beta.diagnosis.flag import flag_layers
@@ -31,7 +32,7 @@ from lightning_beta.diagnosis.treat import SurgeryResult, check_trainer_kwargs, 
 from lightning_beta.diagnosis.verify import Verification, verify
 from lightning_beta.layer_groups import GroupBy, group_parameters
 from lightning_beta.probe import load_probe
-from lightning_beta.reference import Forward
+from lightning_beta.reference import Forward, evaluating
 
 Localizer = Literal["auto", "gradient", "drift", "kinetic", "probe"]
 LOCALIZERS = ("auto", "gradient", "drift", "kinetic", "probe")
@@ -271,6 +272,25 @@ def _check_forward_defined(model: nn.Module) -> None:
         )
 
 
+def _check_model_runs(model: nn.Module, dataloader: Iterable[Any]) -> None:
+    """Run ``model`` once on the first batch of ``dataloader``, as every step will, before any work.
+
+    A one-pass iterator is left alone (its first batch would be lost).
+    """
+    if iter(dataloader) is dataloader:
+        return
+    x = next(iter_batches(dataloader, model_device(model)))[0]
+    try:
+        with evaluating(model):
+            run_model(model, x)
+    except (TypeError, NotImplementedError) as err:
+        raise TypeError(
+            f"`model` cannot run a batch's inputs the way every step of the diagnosis calls it (`model(inputs)`, a"
+            f" dict of inputs as keyword arguments): {type(err).__name__}: {err}. Pass a module whose"
+            " `forward(inputs)` runs it as it needs (`forward=` covers the probe only)"
+        ) from err
+
+
 def _holds(probe: ProbeRecord, model: nn.Module, groups: Sequence[str]) -> bool:
     """Whether the probe record holds every one of ``groups`` of ``model`` (a wrapper's prefix stripped)."""
     try:
@@ -420,6 +440,7 @@ def diagnose(
             '`policy="restore"` needs a probe: `probe=` a ProbeRecord, or `reference=` an artifact with one'
             " (LayerAttributionCallback(probe_samples > 0))"
         )
+    _check_model_runs(model, val_dataloader)
     localize_data = localize_dataloader or train_dataloaders
     scores = _localize(localizer, model, localize_data, reference, group_by, loss_fn, predict, probe, forward)
     flagged = flag_layers(scores, ratio=ratio, top_k=top_k)

@@ -133,3 +133,17 @@ def test_a_lightning_module_without_forward_is_refused_before_any_work():
         TypeError, match=r"`model` \(Lit\) defines no `forward`.*pass the network it holds, e.g. `lit.model`"
     ):
         diagnose(Lit(), [], [])
+
+
+def test_a_model_whose_forward_does_not_take_the_inputs_is_refused_before_any_work():
+    class TwoArguments(nn.Module):  # the shape of Lightning's demo Transformer: forward(inputs, target)
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(4, 2)
+
+        def forward(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return self.body(inputs)
+
+    data = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))), batch_size=4)
+    with pytest.raises(TypeError, match=r"`model` cannot run a batch's inputs .*missing 1 required positional"):
+        diagnose(TwoArguments(), data, data, localizer="gradient")
