@@ -2,7 +2,7 @@
 
 What :func:`lightning_beta.probe.record_probe` keeps of its inputs: batch-first tensors, read from one batch or
 from an iterable of batches until enough samples, joined along dim 0, cut to at most ``max_samples`` and copied to
-the CPU; and the moves between the CPU and the model's device.
+the CPU; and the moves between the CPU and the model's device, which the diagnosis uses too.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor, nn
 
 
 def tensors_of(value: Any) -> list[Tensor]:
@@ -139,14 +140,14 @@ def probe_inputs(inputs: Any, max_samples: int, whole_batches: bool = False) -> 
 
 
 def to_device(value: Any, device: torch.device) -> Any:
-    """Tensors of a nested tuple, list or dict moved to ``device``."""
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_device(v, device) for v in value)
-    if isinstance(value, Mapping):
-        return {k: to_device(v, device) for k, v in value.items()}
-    return value
+    """A tensor, or every tensor of a nested tuple, list or dict, on ``device`` (by ``move_data_to_device``)."""
+    return move_data_to_device(value, device)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def cpu_copy(value: Any) -> Any:

@@ -328,6 +328,22 @@ def group_modules(model: nn.Module, groups: Mapping[str, Sequence[str]]) -> dict
     return found
 
 
+def common_prefixes(names: Iterable[str]) -> list[str]:
+    """The leading prefixes of whole dotted components that every name shares, shortest first, each leaving a name.
+
+    Example:
+        >>> common_prefixes(["model.net.fc1", "model.net.fc2"]), common_prefixes(["a", "b.c"])
+        (['model.', 'model.net.'], [])
+    """
+    parts = [name.split(".") for name in names]
+    common: list[str] = []
+    for column in zip(*(p[:-1] for p in parts)) if parts else ():
+        if len(set(column)) != 1:
+            break
+        common.append(column[0])
+    return [".".join(common[:depth]) + "." for depth in range(1, len(common) + 1)]
+
+
 def match_group_names(
     recorded: Iterable[str], present: Iterable[str], argument: str = "reference"
 ) -> tuple[dict[str, str], str]:
@@ -362,18 +378,7 @@ def match_group_names(
     known_set = set(known)
     if all(name in known_set for name in names):
         return {name: name for name in names}, ""
-    # Candidate prefixes: the leading dotted components every recorded name shares (each leaving a name behind).
-    parts = [name.split(".") for name in names]
-    common: list[str] = []
-    for column in zip(*(p[:-1] for p in parts)) if parts else ():
-        if len(set(column)) != 1:
-            break
-        common.append(column[0])
-    fits = []
-    for depth in range(1, len(common) + 1):
-        prefix = ".".join(common[:depth]) + "."
-        if all(name[len(prefix) :] in known_set for name in names):
-            fits.append(prefix)
+    fits = [prefix for prefix in common_prefixes(names) if all(name[len(prefix) :] in known_set for name in names)]
     if len(fits) == 1:
         return {name: name[len(fits[0]) :] for name in names}, fits[0]
     unknown = [name for name in names if name not in known_set]

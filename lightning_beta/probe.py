@@ -42,7 +42,15 @@ import torch
 from torch import Tensor, nn
 
 from lightning_beta._checks import check_bool, check_int
-from lightning_beta._probe_inputs import batch_size, cpu_copy, probe_inputs, storable, tensors_of, to_device
+from lightning_beta._probe_inputs import (
+    batch_size,
+    cpu_copy,
+    model_device,
+    probe_inputs,
+    storable,
+    tensors_of,
+    to_device,
+)
 from lightning_beta.layer_groups import GroupBy, check_group_by, group_modules, group_parameters
 from lightning_beta.reference import Forward, default_forward, evaluating, output_tensor
 
@@ -243,12 +251,6 @@ def projection(seed: int, name: str, width: int, sketch_dim: int, device: torch.
 def sketch_output(output: Tensor, proj: Tensor) -> Tensor:
     """A batch-first output flattened per sample, times the projection."""
     return output.detach().reshape(output.shape[0], -1).to(proj.dtype) @ proj
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 class Capture:

@@ -35,6 +35,7 @@ from lightning_beta.diagnosis import (
     reference_statistics,
     verify,
 )
+from lightning_beta.diagnosis._batches import defines_forward
 from lightning_beta.diagnosis.pipeline import Localizer, TreatPolicy
 
 TARGETS = (0.90, 0.95)
@@ -357,7 +358,7 @@ def diagnose_checkpoint(
 
 def _network(model: pl.LightningModule) -> Any:
     """The LightningModule itself, or, when it defines no ``forward``, the one child module holding parameters."""
-    if type(model).forward is not pl.LightningModule.forward:
+    if defines_forward(model):
         return model
     children = [child for _, child in model.named_children() if next(child.parameters(), None) is not None]
     return children[0] if len(children) == 1 else model  # else diagnose says what to pass

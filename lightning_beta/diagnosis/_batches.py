@@ -19,19 +19,15 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
+# One device helper for the probe and the diagnosis; re-exported for the diagnosis modules.
+from lightning_beta._probe_inputs import model_device as model_device
+from lightning_beta._probe_inputs import to_device as to_device
 from lightning_beta.reference import default_forward
 
 #: The key of a Hugging Face batch that holds the targets.
 LABELS = "labels"
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def split_batch(batch: Any) -> tuple[Any, Tensor]:
@@ -69,6 +65,18 @@ def split_batch(batch: Any) -> tuple[Any, Tensor]:
     )
 
 
+def defines_forward(model: nn.Module) -> bool:
+    """Whether ``model``'s class has a ``forward`` of its own (not ``nn.Module``'s nor ``LightningModule``'s stand-in).
+
+    Example:
+        >>> defines_forward(nn.Linear(2, 1)), defines_forward(nn.Module())
+        (True, False)
+    """
+    from lightning.pytorch import LightningModule
+
+    return getattr(type(model), "forward", None) not in (nn.Module.forward, LightningModule.forward)
+
+
 def run_model(model: nn.Module, inputs: Any) -> Any:
     """Call ``model`` on a batch's inputs: a dict as keyword arguments (by ``default_forward``'s rule), else as one.
 
@@ -79,13 +87,6 @@ def run_model(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, Mapping):
         return default_forward(model, inputs)
     return model(inputs)
-
-
-def to_device(inputs: Any, device: torch.device) -> Any:
-    """A tensor, or every tensor of a dict, tuple or list of them, on ``device``."""
-    if isinstance(inputs, Tensor):
-        return inputs.to(device)
-    return move_data_to_device(inputs, device)
 
 
 def iter_batches(dataloader: Iterable[Any], device: torch.device) -> Iterator[tuple[Any, Tensor]]:

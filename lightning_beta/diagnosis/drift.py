@@ -16,13 +16,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_beta.artifact import AttributionArtifact, ReferenceStats
-from lightning_beta.diagnosis._batches import model_device
+from lightning_beta.diagnosis._batches import model_device, to_device
 from lightning_beta.diagnosis.scores import LayerScores
 from lightning_beta.layer_groups import GroupBy, group_modules, group_parameters, group_sizes, match_group_names
 from lightning_beta.reference import (
@@ -187,7 +186,7 @@ def _pass(
         with evaluating(model), recorder:
             for batch in dataloader:
                 empty = False
-                run(model, move_data_to_device(batch, device))
+                run(model, to_device(batch, device))
                 state["first"], state["last"] = False, None
                 live.clear()
     finally:

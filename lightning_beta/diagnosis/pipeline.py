@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lightning_beta._checks import check_choice
 from lightning_beta._text import json_safe, markdown_table
 from lightning_beta.artifact import AttributionArtifact
-from lightning_beta.diagnosis._batches import iter_batches, model_device, run_model
+from lightning_beta.diagnosis._batches import defines_forward, iter_batches, model_device, run_model
 from lightning_beta.diagnosis._outputs import LossFn, Predict
 from lightning_beta.diagnosis.drift import Reference, activation_drift
 from lightning_beta.diagnosis.flag import flag_layers
@@ -261,8 +261,7 @@ def _restore_markdown(surgery: SurgeryResult) -> str:
 
 def _check_forward_defined(model: nn.Module) -> None:
     """Refuse, before any work, a module without a ``forward`` of its own (a LightningModule that only trains)."""
-    forward = getattr(type(model), "forward", None)
-    if getattr(forward, "__qualname__", "") in ("Module._forward_unimplemented", "LightningModule.forward"):
+    if not defines_forward(model):
         holds = [name for name, child in model.named_children() if next(child.parameters(), None) is not None]
         example = f"`{type(model).__name__.lower()}.{holds[0]}`" if holds else "the network it holds"
         raise TypeError(

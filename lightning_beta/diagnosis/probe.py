@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from lightning_beta._checks import check_bool, check_number
 from lightning_beta.diagnosis.scores import LayerScores
-from lightning_beta.layer_groups import group_sizes
+from lightning_beta.layer_groups import common_prefixes, group_sizes
 from lightning_beta.probe import (
     PROBE_VERSION,
     ProbeRecord,
@@ -237,18 +237,14 @@ def _prefixes(record: ProbeRecord) -> list[tuple[str, Any]]:
     """
     if isinstance(record.group_by, Mapping) or not record.order:
         return []
-    parts = [name.split(".") for name in record.order]
-    common = 0
-    while all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
-        common += 1
     found = []
-    for k in range(1, common + 1):
+    for depth, prefix in enumerate(common_prefixes(record.order), start=1):
         group_by = record.group_by
         if isinstance(group_by, int):
-            if group_by - k < 1:
+            if group_by - depth < 1:
                 break
-            group_by = group_by - k
-        found.append((".".join(parts[0][:k]) + ".", group_by))
+            group_by = group_by - depth
+        found.append((prefix, group_by))
     return found
 
 
